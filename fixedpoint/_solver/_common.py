@@ -1,0 +1,263 @@
+"""What the three methods share: validation, the stopping rule, divergence and
+non-finite detection, the best-iterate fallback and the residual trace.
+
+Every solver in this package solves the root problem ``g(y) = 0``. When it is called
+through `optx.fixed_point(f, ...)`, optimistix passes ``g(y) = f(y) - y``, so ``y +
+g(y) = f(y)`` is the fixed-point map. Each step of every method evaluates ``g``
+exactly once, so ``sol.stats["num_steps"]`` is also the number of evaluations of
+``g`` (and of ``f``).
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import optimistix as optx
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
+
+
+# ----------------------------------------------------------------------------------
+# Hyperparameter validation (raised at construction, from `__check_init__`).
+
+
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise `ValueError` naming `name` unless `value` is a real number in range."""
+    left = "(" if low_open else "["
+    right = ")" if high_open else "]"
+    allowed = f"{left}{low}, {high}{right}"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`{name}` must be a real number in {allowed}, got {value!r}."
+        ) from None
+    ok = not math.isnan(v)
+    ok = ok and (v > low if low_open else v >= low)
+    ok = ok and (v < high if high_open else v <= high)
+    if not ok:
+        raise ValueError(f"`{name}` must lie in {allowed}, got {value!r}.")
+
+
+def check_int(name: str, value: Any, *, low: int) -> None:
+    """Raise `ValueError` naming `name` unless `value` is an integer >= `low`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+
+
+def check_common(solver: Any) -> None:
+    """Validate the fields every solver of this package has."""
+    check_real("rtol", solver.rtol, low=0.0)
+    check_real("atol", solver.atol, low=0.0)
+    if not callable(solver.norm):
+        raise ValueError(f"`norm` must be a callable PyTree -> scalar, got {solver.norm!r}.")
+    check_real("divergence_factor", solver.divergence_factor, low=1.0, low_open=True)
+    check_int("trace_length", solver.trace_length, low=0)
+
+
+# ----------------------------------------------------------------------------------
+# Trace-time checks.
+
+
+def check_structure(y: PyTree, f_struct: PyTree) -> None:
+    """The root function must return a PyTree of the same structure and shapes as
+    `y` (for `optx.fixed_point`: ``f(y)`` must look like ``y``)."""
+    y_struct = jax.eval_shape(lambda: y)
+    y_shapes = jtu.tree_map(lambda s: s.shape, y_struct)
+    f_shapes = jtu.tree_map(lambda s: s.shape, f_struct)
+    if jtu.tree_structure(y_struct) != jtu.tree_structure(f_struct) or y_shapes != f_shapes:
+        raise ValueError(
+            "The function must return a PyTree with the same structure and shapes as "
+            f"its input `y` (for a fixed point, f(y) must look like y); got input "
+            f"{y_shapes} and output {f_shapes}."
+        )
+
+
+def flat_dtype(y: PyTree) -> jnp.dtype:
+    """The dtype that `ravel_pytree` gives `y`, and so of every buffer of a solver."""
+    leaves = jtu.tree_leaves(y)
+    if not leaves:
+        raise ValueError("`y0` must contain at least one array.")
+    return jnp.result_type(*leaves)
+
+
+def ravel(tree: PyTree, dtype: jnp.dtype) -> Array:
+    return ravel_pytree(tree)[0].astype(dtype)
+
+
+def unravel_like(flat: Array, like: PyTree) -> PyTree:
+    _, unravel = ravel_pytree(like)
+    return unravel(flat)
+
+
+def tree_where(pred: Bool[Array, ""], a: PyTree, b: PyTree) -> PyTree:
+    return jtu.tree_map(lambda x, z: jnp.where(pred, x, z), a, b)
+
+
+# ----------------------------------------------------------------------------------
+# Progress: what is common to every method's loop state.
+
+
+class Progress(eqx.Module):
+    """Bookkeeping shared by all methods (part of each solver state).
+
+    - `converged`: the last evaluated point met the stopping rule.
+    - `diverged`: the last residual exceeded `divergence_factor` x the best one.
+    - `nonfinite`: the last residual was NaN or infinite.
+    - `residual_norm`: `norm(g(y))` at the last evaluated point.
+    - `best_norm`, `y_best`, `r_best`: the smallest residual norm seen, its point and
+      its residual. On failure the solver returns `y_best`, never a worse iterate.
+    - `trace`: `norm(g(y_k))` of the first `trace_length` steps (NaN after the last).
+    """
+
+    step: Int[Array, ""]
+    converged: Bool[Array, ""]
+    diverged: Bool[Array, ""]
+    nonfinite: Bool[Array, ""]
+    residual_norm: Scalar
+    best_norm: Scalar
+    y_best: Float[Array, " n"]
+    r_best: Float[Array, " n"]
+    trace: Float[Array, " trace"]
+
+
+def init_progress(y_flat: Array, trace_length: int) -> Progress:
+    dtype = y_flat.dtype
+    inf = jnp.array(jnp.inf, dtype)
+    false = jnp.array(False)
+    return Progress(
+        step=jnp.array(0),
+        converged=false,
+        diverged=false,
+        nonfinite=false,
+        residual_norm=inf,
+        best_norm=inf,
+        y_best=y_flat,
+        r_best=jnp.zeros_like(y_flat),
+        trace=jnp.full((trace_length,), jnp.nan, dtype),
+    )
+
+
+def update_progress(
+    progress: Progress,
+    y: PyTree,
+    r: PyTree,
+    y_flat: Array,
+    r_flat: Array,
+    *,
+    rtol: float,
+    atol: float,
+    norm: Callable[[PyTree], Scalar],
+    divergence_factor: float,
+) -> Progress:
+    """Record the residual `r = g(y)` of a newly evaluated point.
+
+    Stopping rule: ``norm(g(y) / (atol + rtol * |y|)) < 1`` (elementwise division).
+    For a fixed-point problem ``g(y) = f(y) - y`` this bounds the change that one plain
+    iteration would make, relative to the size of `y`, exactly as
+    `optx.FixedPointIteration` does.
+    """
+    dtype = y_flat.dtype
+    with jax.numpy_dtype_promotion("standard"):
+        scaled = jtu.tree_map(lambda ri, yi: ri / (atol + rtol * jnp.abs(yi)), r, y)
+        scaled_norm = jnp.asarray(norm(scaled)).astype(dtype)
+        r_norm = jnp.asarray(norm(r)).astype(dtype)
+    nonfinite = ~jnp.isfinite(r_norm)
+    converged = (scaled_norm < 1) & ~nonfinite
+    diverged = (r_norm > divergence_factor * progress.best_norm) & ~nonfinite
+    better = r_norm < progress.best_norm
+    return Progress(
+        step=progress.step + 1,
+        converged=converged,
+        diverged=diverged,
+        nonfinite=nonfinite,
+        residual_norm=r_norm,
+        best_norm=jnp.where(better, r_norm, progress.best_norm),
+        y_best=jnp.where(better, y_flat, progress.y_best),
+        r_best=jnp.where(better, r_flat, progress.r_best),
+        trace=(
+            progress.trace.at[progress.step].set(r_norm, mode="drop")
+            if progress.trace.size
+            else progress.trace
+        ),
+    )
+
+
+def terminate(progress: Progress) -> tuple[Bool[Array, ""], optx.RESULTS]:
+    result = optx.RESULTS.where(
+        progress.nonfinite,
+        optx.RESULTS.nonfinite,
+        optx.RESULTS.where(
+            progress.diverged,
+            optx.RESULTS.nonlinear_divergence,
+            optx.RESULTS.successful,
+        ),
+    )
+    done = progress.converged | progress.diverged | progress.nonfinite
+    return done, result
+
+
+def postprocess(
+    y: PyTree, progress: Progress, result: optx.RESULTS, trace_length: int
+) -> tuple[PyTree, dict[str, Any]]:
+    """On success return the converged point; on any failure the best point seen."""
+    success = result == optx.RESULTS.successful
+    y_out = tree_where(success, y, unravel_like(progress.y_best, y))
+    # An unevaluated start (max_steps=0) has an infinite best norm: keep y then.
+    y_out = tree_where(jnp.isfinite(progress.best_norm) | success, y_out, y)
+    stats = {
+        "residual_norm": jnp.where(success, progress.residual_norm, progress.best_norm)
+    }
+    if trace_length > 0:
+        stats["residual_trace"] = progress.trace
+    return y_out, stats
+
+
+class FixedPointRootFinder(optx.AbstractRootFinder):
+    """Shared `terminate`/`postprocess` of this package's root finders. Subclasses
+    declare the fields `rtol`, `atol`, `norm`, `divergence_factor`, `trace_length`
+    and keep a `progress: Progress` in their state."""
+
+    def terminate(self, fn, y, args, options, state, tags):
+        del fn, y, args, options, tags
+        return terminate(state.progress)
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        del fn, args, options, tags
+        y_out, stats = postprocess(y, state.progress, result, self.trace_length)
+        return y_out, aux, stats
+
+    def _evaluate(self, fn, y, args, progress: Progress):
+        """Evaluate g once at y; return (flat y, flat r, aux, updated progress)."""
+        r, aux = fn(y, args)
+        dtype = progress.y_best.dtype
+        y_flat = ravel(y, dtype)
+        r_flat = ravel(r, dtype)
+        progress = update_progress(
+            progress,
+            y,
+            r,
+            y_flat,
+            r_flat,
+            rtol=self.rtol,
+            atol=self.atol,
+            norm=self.norm,
+            divergence_factor=self.divergence_factor,
+        )
+        return y_flat, r_flat, aux, progress
+
+    def _next_y(self, y, y_next_flat, progress: Progress):
+        """Stay on a converged point (its residual is the one reported)."""
+        return tree_where(progress.converged, y, unravel_like(y_next_flat, y))
