@@ -212,13 +212,22 @@ def terminate(progress: Progress) -> tuple[Bool[Array, ""], optx.RESULTS]:
 def postprocess(
     y: PyTree, progress: Progress, result: optx.RESULTS, trace_length: int
 ) -> tuple[PyTree, dict[str, Any]]:
-    """On success return the converged point; on any failure the best point seen."""
-    success = result == optx.RESULTS.successful
-    y_out = tree_where(success, y, unravel_like(progress.y_best, y))
+    """Choose what to return.
+
+    - success: the converged point (its residual is `stats["residual_norm"]`);
+    - out of steps: the final iterate, as after a fixed number of iterations (so that
+      `rtol = atol = 0` runs exactly `max_steps` steps of the method);
+    - non-finite values or divergence: the best point evaluated, never the iterate that
+      blew up.
+    """
+    broken = (result == optx.RESULTS.nonfinite) | (
+        result == optx.RESULTS.nonlinear_divergence
+    )
     # An unevaluated start (max_steps=0) has an infinite best norm: keep y then.
-    y_out = tree_where(jnp.isfinite(progress.best_norm) | success, y_out, y)
+    use_best = broken & jnp.isfinite(progress.best_norm)
+    y_out = tree_where(use_best, unravel_like(progress.y_best, y), y)
     stats = {
-        "residual_norm": jnp.where(success, progress.residual_norm, progress.best_norm)
+        "residual_norm": jnp.where(use_best, progress.best_norm, progress.residual_norm)
     }
     if trace_length > 0:
         stats["residual_trace"] = progress.trace

@@ -94,7 +94,8 @@ class Anderson(FixedPointRootFinder):
     **Stopping rule, failures, statistics:** as for [`fixedpoint.Neumann`][]: stop when
     `norm(g(y) / (atol + rtol * |y|)) < 1`; `nonfinite`, `nonlinear_divergence` (residual
     above `divergence_factor` x the best) and `nonlinear_max_steps_reached` are reported
-    and the best iterate is returned on failure; exactly one evaluation of $g$ per step;
+    and what is returned on failure is as described there; exactly one evaluation of
+    $g$ per step;
     `sol.stats["residual_norm"]` and, with `trace_length > 0`,
     `sol.stats["residual_trace"]`.
 

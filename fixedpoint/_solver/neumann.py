@@ -46,9 +46,13 @@ class Neumann(FixedPointRootFinder):
     **Failures:** a non-finite residual gives `RESULTS.nonfinite`; a residual norm
     larger than `divergence_factor` times the best one so far gives
     `RESULTS.nonlinear_divergence`; running out of steps gives
-    `RESULTS.nonlinear_max_steps_reached`. On failure the best iterate is returned.
+    `RESULTS.nonlinear_max_steps_reached`. After non-finite values or divergence the best
+    iterate evaluated is returned; after running out of steps, the final iterate (so
+    `rtol = atol = 0` runs exactly `max_steps` steps, a fixed-iteration solver).
 
-    **Statistics:** `sol.stats["residual_norm"]` is `norm(g(y))` at the returned `y`;
+    **Statistics:** `sol.stats["residual_norm"]` is `norm(g(y))` at the last evaluated
+    iterate: the returned `y` on success, the best one after non-finite values or
+    divergence;
     with `trace_length > 0`, `sol.stats["residual_trace"]` holds `norm(g(y_k))` for the
     first `trace_length` steps (NaN beyond the last step).
     """

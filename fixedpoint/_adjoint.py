@@ -1,0 +1,304 @@
+r"""Adjoints (backward passes) for fixed points and roots, with backward statistics.
+
+A fixed point $z^* = f(z^*, \theta)$ is found by optimistix as the root of
+$g(z, \theta) = f(z, \theta) - z$ (for `optx.root_find`, $g$ is the user's function).
+The implicit function theorem gives, for a cotangent $\bar z$ of $z^*$,
+
+$$\bar\theta = -\Big(\frac{\partial g}{\partial \theta}\Big)^{\!\top} \lambda,
+\qquad \Big(\frac{\partial g}{\partial z}\Big)^{\!\top} \lambda = \bar z,$$
+
+which for a fixed point is $\bar\theta = (\partial f/\partial\theta)^\top w$ with
+$w = \bar z + J_f^\top w$ ($w = -\lambda$).
+
+All adjoints here are `optx.AbstractAdjoint`s (pass them as `adjoint=` to
+`optx.fixed_point` / `optx.root_find`) built on one reverse-mode rule
+(`eqx.filter_custom_vjp`). They carry a field `stats`, a [`fixedpoint.BackwardStats`][]
+of zeros that the solve does not use: its *cotangent* is the statistics of the backward
+pass. So the statistics come out of `jax.grad` like any other gradient, under `jit` and
+`vmap`, with no second solve:
+
+```python
+adjoint = fixedpoint.ImplicitAdjoint()
+def loss(theta, adjoint):
+    sol = optx.fixed_point(f, fixedpoint.Anderson(), z0, theta, adjoint=adjoint)
+    return jnp.sum(sol.value ** 2)
+g_theta, g_adjoint = jax.grad(loss, argnums=(0, 1))(theta, adjoint)
+g_adjoint.stats.num_steps, g_adjoint.stats.residual_norm, g_adjoint.stats.failed
+```
+
+Statistics are cotangents, so they add up: a solve inside `vmap` with an unbatched
+adjoint reports the *sums* over the batch (divide by the batch size for means), and an
+adjoint used by several solves reports the sum over them. (When the adjoint lives
+inside an equinox model, `eqx.filter_grad(loss)(model)` returns the statistics inside
+the model's gradient; keep them out of the optimiser, e.g. with `eqx.partition`.)
+
+These adjoints support reverse mode (`jax.grad`, `jax.vjp`, `jax.jacrev`) only. For
+forward mode (`jax.jvp`, `jax.jacfwd`) use `optx.ImplicitAdjoint(linear_solver=...)`
+with a solver from [`fixedpoint.linear`][] (no backward statistics there).
+"""
+
+import abc
+import functools as ft
+from typing import Any
+
+import equinox as eqx
+import equinox.internal as eqxi
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import optimistix as optx
+from equinox.internal import ω
+from jaxtyping import Array, Float, PyTree
+
+from . import linear
+from ._solver._common import check_int, check_real
+
+
+class BackwardStats(eqx.Module):
+    """Statistics of a backward pass, read as the cotangent of an adjoint's `stats`.
+
+    - `num_steps`: backward solver steps (matrix-vector products, i.e. VJPs of `f`).
+    - `residual_norm`: `norm` of the backward linear residual at the returned solution
+      (0 for the approximate adjoints, which solve nothing).
+    - `failed`: 1 if the backward solve failed (did not converge, diverged or produced
+      non-finite values), else 0.
+
+    As cotangents they are summed over batched (`vmap`) and repeated uses.
+    """
+
+    num_steps: Float[Array, ""] = eqx.field(converter=jnp.asarray, default=0.0)
+    residual_norm: Float[Array, ""] = eqx.field(converter=jnp.asarray, default=0.0)
+    failed: Float[Array, ""] = eqx.field(converter=jnp.asarray, default=0.0)
+
+
+def _stats_like(stats: BackwardStats, num_steps, residual_norm, failed) -> BackwardStats:
+    def cast(x, like):
+        return jnp.asarray(x).astype(like.dtype).reshape(like.shape)
+
+    return BackwardStats(
+        num_steps=cast(num_steps, stats.num_steps),
+        residual_norm=cast(residual_norm, stats.residual_norm),
+        failed=cast(failed, stats.failed),
+    )
+
+
+class _AbstractStatsAdjoint(optx.AbstractAdjoint):
+    """Runs the solve forward with a plain `lax.while_loop` and applies
+    `self._backward` as the reverse-mode rule."""
+
+    stats: eqx.AbstractVar[BackwardStats]
+
+    @abc.abstractmethod
+    def _backward(
+        self, g_root, root: PyTree[Array], cotangent: PyTree[Array]
+    ) -> tuple[PyTree[Array], tuple[Any, Any, Any]]:
+        """Given `g_root(z) = g(z, theta)` ... return (lambda_like, stats triple).
+
+        Implementations return the vector `w` such that the input cotangent is the VJP
+        of `g(root, .)` with respect to the inputs, applied to `w`.
+        """
+
+    def apply(self, primal_fn, rewrite_fn, inputs, tags):
+        del tags
+        inputs = inputs + (ft.partial(eqxi.while_loop, kind="lax"),)
+        # The probe travels as the differentiated argument; the rule gets the adjoint
+        # without it (keyword arguments of a custom VJP must not be differentiated).
+        rule = eqx.tree_at(lambda a: a.stats, self, None)
+        root, residual = _solve(
+            (self.stats, inputs), primal_fn=primal_fn, rewrite_fn=rewrite_fn, adjoint=rule
+        )
+        # Step counts, result codes and solver state carry no derivative; detach them
+        # so that e.g. `throw=True`'s error check is never differentiated.
+        dynamic, static = eqx.partition(residual, eqx.is_array)
+        residual = eqx.combine(jax.lax.stop_gradient(dynamic), static)
+        return root, residual
+
+
+@eqx.filter_custom_vjp
+def _solve(stats_and_inputs, *, primal_fn, rewrite_fn, adjoint):
+    _, inputs = stats_and_inputs
+    return primal_fn(inputs)
+
+
+@_solve.def_fwd
+def _solve_fwd(perturbed, stats_and_inputs, *, primal_fn, rewrite_fn, adjoint):
+    del perturbed
+    _, inputs = stats_and_inputs
+    root, residual = primal_fn(inputs)
+    return (root, residual), root
+
+
+def _is_none(x):
+    return x is None
+
+
+@_solve.def_bwd
+def _solve_bwd(
+    root, grad_obj, perturbed, stats_and_inputs, *, primal_fn, rewrite_fn, adjoint
+):
+    del perturbed, primal_fn
+    stats, inputs = stats_and_inputs
+    root_cotangent, _ = grad_obj
+    if root_cotangent is None:
+        root_cotangent = jtu.tree_map(jnp.zeros_like, root)
+    root_cotangent = jtu.tree_map(
+        lambda c, r: jnp.zeros_like(r) if c is None else c,
+        root_cotangent,
+        root,
+        is_leaf=_is_none,
+    )
+    diff, nondiff = eqx.partition(inputs, eqx.is_inexact_array)
+
+    def g_root(z):
+        return rewrite_fn(z, None, inputs)
+
+    w, (num_steps, residual_norm, failed) = adjoint._backward(
+        g_root, root, root_cotangent
+    )
+
+    def g_inputs(_diff):
+        return rewrite_fn(root, None, eqx.combine(_diff, nondiff))
+
+    _, vjp_inputs = jax.vjp(g_inputs, diff)
+    (diff_cotangent,) = vjp_inputs(w)
+    return _stats_like(stats, num_steps, residual_norm, failed), diff_cotangent
+
+
+class ImplicitAdjoint(_AbstractStatsAdjoint):
+    r"""Implicit differentiation with an iterative, matrix-free backward solve and
+    backward statistics.
+
+    The backward pass solves $(\partial g/\partial z)^\top \lambda = \bar z$ at the
+    solution with `linear_solver` (default [`fixedpoint.linear.Anderson`][], never a
+    dense factorisation), each step costing one VJP of $f$, and returns
+    $\bar\theta = -(\partial g / \partial\theta)^\top \lambda$. For a fixed point the
+    backward iteration is $w \mapsto (1-\beta) w + \beta(\bar z + J_f^\top w)$, which
+    contracts whenever the forward problem does.
+
+    Statistics are the cotangent of `stats` (see the module documentation). On a failed
+    backward solve: with `throw=True` an error is raised; with `throw=False` a solve that
+    ran out of steps returns its (approximate) gradient, one that diverged or produced
+    non-finite values returns NaN gradients; `stats.failed` says so either way.
+
+    Memory does not depend on the number of forward iterations: only the root is
+    stored for the backward pass.
+    """
+
+    linear_solver: lx.AbstractLinearSolver = linear.Anderson(rtol=1e-4, atol=1e-6)
+    throw: bool = True
+    stats: BackwardStats = BackwardStats()
+
+    def _backward(self, g_root, root, cotangent):
+        _, vjp_root = jax.vjp(g_root, root)
+        operator = lx.FunctionLinearOperator(
+            lambda u: vjp_root(u)[0], jax.eval_shape(lambda: root)
+        )
+        sol = lx.linear_solve(operator, cotangent, self.linear_solver, throw=False)
+        ok = sol.result == lx.RESULTS.successful
+        breakdown = (sol.result != lx.RESULTS.successful) & (
+            sol.result != lx.RESULTS.max_steps_reached
+        )
+        lam = jtu.tree_map(lambda x: jnp.where(breakdown, jnp.nan, x), sol.value)
+        if self.throw:
+            lam = sol.result.error_if(lam, ~ok)
+        num_steps = sol.stats.get("num_steps", jnp.nan)
+        residual_norm = sol.stats.get("residual_norm", jnp.nan)
+        if "residual_norm" not in sol.stats:
+            residual = (operator.mv(sol.value) ** ω - cotangent**ω).ω
+            residual_norm = optx.max_norm(residual)
+        return (-(lam**ω)).ω, (num_steps, residual_norm, jnp.where(ok, 0, 1))
+
+
+ImplicitAdjoint.__init__.__doc__ = """**Arguments:**
+
+- `linear_solver`: any `lx.AbstractLinearSolver` for the backward system; default
+    `fixedpoint.linear.Anderson(rtol=1e-4, atol=1e-6)`. Solvers from
+    [`fixedpoint.linear`][] report their steps and residual; others report what their
+    `stats` hold (lineax's iterative solvers: `num_steps`).
+- `throw`: raise an error when the backward solve fails (default), or return and flag
+    it in the statistics.
+- `stats`: the statistics probe; leave it at its default.
+"""
+
+
+class PhantomAdjoint(_AbstractStatsAdjoint):
+    r"""The phantom gradient (Geng et al. 2021): differentiate $k$ damped unrolled
+    steps started at the solution instead of solving the implicit system.
+
+    With $z_0 = \operatorname{stop\_gradient}(z^*)$ and
+    $z_{i+1} = z_i + \lambda\, g(z_i, \theta)$ (for a fixed point,
+    $z_{i+1} = (1-\lambda) z_i + \lambda f(z_i, \theta)$), the gradient is that of
+    $z_k$. Equivalently it replaces $(I - J_f)^{-1}$ by
+    $\lambda \sum_{i<k} ((1-\lambda) I + \lambda J_f)^i$ (frozen at $z^*$ for the
+    linear part), a truncated, damped Neumann series.
+
+    **Cost:** $k$ VJPs of $f$ and no linear solve. **Bias:** the truncation error
+    $((1-\lambda) I + \lambda J_f)^k$; it vanishes as $k \to \infty$ when the map
+    contracts, and the direction stays a descent direction for small $\|J_f\|$. Often
+    good enough for training, much cheaper than an exact solve.
+    """
+
+    steps: int = 5
+    damping: float = 0.5
+    stats: BackwardStats = BackwardStats()
+
+    def __check_init__(self):
+        check_int("steps", self.steps, low=1)
+        check_real("damping", self.damping, low=0.0, high=1.0, low_open=True)
+
+    def _backward(self, g_root, root, cotangent):
+        return _unrolled(g_root, root, cotangent, self.steps, self.damping)
+
+
+def _unrolled(g_root, root, cotangent, steps: int, damping: float):
+    """Reverse mode through z_{i+1} = z_i + damping * g(z_i), z_0 = z*, i < steps.
+
+    Since z* is a root the iterates stay at z*, so every step has the same Jacobian:
+    the input cotangent is VJP_theta(g at z*) applied to
+    w = damping * sum_{i<steps} (I + damping J_g^T)^i zbar.
+    """
+    _, vjp_root = jax.vjp(g_root, root)
+
+    def body(_, carry):
+        c, acc = carry
+        acc = (acc**ω + damping * c**ω).ω
+        c = (c**ω + damping * vjp_root(c)[0] ** ω).ω
+        return c, acc
+
+    zeros = jtu.tree_map(jnp.zeros_like, cotangent)
+    if steps == 1:  # Jacobian-free: no VJP with respect to z at all.
+        _, w = body(0, (cotangent, zeros))
+    else:
+        _, w = jax.lax.fori_loop(0, steps, body, (cotangent, zeros))
+    return w, (steps, 0.0, 0.0)
+
+
+PhantomAdjoint.__init__.__doc__ = """**Arguments:**
+
+- `steps`: (>= 1) the number of unrolled steps $k$.
+- `damping`: $\\lambda$ in (0, 1].
+- `stats`: the statistics probe; leave it at its default.
+"""
+
+
+class JacobianFreeAdjoint(_AbstractStatsAdjoint):
+    r"""Jacobian-free backpropagation (Fung et al. 2022): one step through $f$ at the
+    solution, $\bar\theta = (\partial f/\partial\theta)^\top \bar z$.
+
+    It replaces $(I - J_f)^{-1}$ by $I$: the phantom gradient with one undamped step.
+    **Cost:** one VJP of $f$ (with respect to the parameters only). **Bias:** drops
+    every power of $J_f$; the result is a descent direction when $\|J_f\| < 1$ is small
+    enough (Fung et al., Thm. 3.1) and is exact only when $J_f = 0$.
+    """
+
+    stats: BackwardStats = BackwardStats()
+
+    def _backward(self, g_root, root, cotangent):
+        return _unrolled(g_root, root, cotangent, 1, 1.0)
+
+
+JacobianFreeAdjoint.__init__.__doc__ = """**Arguments:**
+
+- `stats`: the statistics probe; leave it at its default.
+"""

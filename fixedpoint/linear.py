@@ -1,0 +1,162 @@
+r"""Anderson, Broyden and Neumann as lineax linear solvers.
+
+Each class here solves $A u = b$ by running the root finder of the same name on
+
+$$r(u) = A u - b,$$
+
+so no method is implemented twice: `fixedpoint.linear.Anderson(...)` holds a
+`fixedpoint.Anderson(...)` and calls it through `optx.root_find`. The convention is the
+one of the forward solvers: they iterate $u \mapsto u + \beta\,r(u)$ (Anderson and
+Neumann accelerate or damp that map). In implicit differentiation of a fixed point
+$z^* = f(z^*)$ optimistix solves with $A = J_f - I$ (or its transpose), so the
+iterated map is $u \mapsto (1-\beta) u + \beta (J_f u - b)$, which contracts exactly
+when the forward fixed-point map does: a problem the forward solver converges on also
+converges backwards.
+
+They are matrix-free (one `operator.mv` per step: under reverse mode, one VJP of $f$),
+never materialise the matrix, and work on PyTree operators. Use them as
+`optx.ImplicitAdjoint(linear_solver=fixedpoint.linear.Anderson(...))`,
+[`fixedpoint.ImplicitAdjoint`][] or `lx.linear_solve(operator, vector, solver)`.
+
+`lx.linear_solve(...).stats` holds `num_steps` (= matrix-vector products) and
+`residual_norm` (`norm(A u - b)` at the returned `u`). Failure codes: out of steps ->
+`lx.RESULTS.max_steps_reached`; divergence or non-finite values ->
+`lx.RESULTS.breakdown` (the iteration does not contract for this operator).
+
+With `rtol = atol = 0` a solver runs exactly `max_steps` steps from `u_0 = 0` (set
+`throw=False` in `lx.linear_solve`): `Neumann(rtol=0, atol=0, max_steps=k)` returns the
+truncated Neumann series $-\sum_{i<k} (A + I)^i b$, which for $A = J^\top - I$ is the
+seed project's truncated-series backward pass with $k$ terms.
+"""
+
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import optimistix as optx
+from equinox.internal import ω
+from jaxtyping import Array, PyTree
+
+from ._solver import (
+    Anderson as _AndersonRoot,
+    Broyden as _BroydenRoot,
+    Neumann as _NeumannRoot,
+)
+from ._solver._common import check_int, FixedPointRootFinder
+
+
+def _residual(u, operator_and_vector):
+    operator, vector = operator_and_vector
+    return (operator.mv(u) ** ω - vector**ω).ω
+
+
+def _to_lineax_result(result: optx.RESULTS) -> lx.RESULTS:
+    return lx.RESULTS.where(
+        result == optx.RESULTS.successful,
+        lx.RESULTS.successful,
+        lx.RESULTS.where(
+            result == optx.RESULTS.nonlinear_max_steps_reached,
+            lx.RESULTS.max_steps_reached,
+            lx.RESULTS.breakdown,
+        ),
+    )
+
+
+class _FixedPointLinearSolver(lx.AbstractLinearSolver):
+    """A lineax solver that runs one of this package's root finders on A u - b."""
+
+    root_finder: FixedPointRootFinder
+    max_steps: int
+
+    def __check_init__(self):
+        check_int("max_steps", self.max_steps, low=1)
+
+    def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
+        del options
+        if not eqx.tree_equal(operator.in_structure(), operator.out_structure()):
+            raise ValueError(
+                f"`{type(self).__name__}` solves square systems only: the operator's "
+                "input and output structures differ."
+            )
+        return lx.linearise(operator)
+
+    def compute(
+        self,
+        state: lx.AbstractLinearOperator,
+        vector: PyTree[Array],
+        options: dict[str, Any],
+    ) -> tuple[PyTree[Array], lx.RESULTS, dict[str, Any]]:
+        operator = state
+        y0 = options.get("y0", jtu.tree_map(jnp.zeros_like, vector))
+        sol = optx.root_find(
+            _residual,
+            self.root_finder,
+            y0,
+            (operator, vector),
+            max_steps=self.max_steps,
+            throw=False,
+        )
+        stats = {
+            "num_steps": sol.stats["num_steps"],
+            "max_steps": self.max_steps,
+            "residual_norm": sol.stats["residual_norm"],
+        }
+        return sol.value, _to_lineax_result(sol.result), stats
+
+    def transpose(self, state, options: dict[str, Any]):
+        return state.transpose(), {}
+
+    def conj(self, state, options: dict[str, Any]):
+        return lx.conj(state), {}
+
+    def assume_full_rank(self) -> bool:
+        return True
+
+
+class Anderson(_FixedPointLinearSolver):
+    r"""Anderson acceleration as a lineax linear solver: [`fixedpoint.Anderson`][] run
+    on $r(u) = A u - b$ from $u_0 = 0$ (or `options["y0"]`). On a linear problem
+    Anderson mixing is a Krylov method closely related to restarted GMRES($m$).
+    """
+
+    def __init__(self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs):
+        """**Arguments:** `rtol`, `atol` and every other keyword (`norm`, `m`, `beta`,
+        `regularisation`, `safeguard_factor`, `divergence_factor`) as for
+        [`fixedpoint.Anderson`][]; `max_steps` (>= 1) the most matrix-vector products.
+        """
+        self.root_finder = _AndersonRoot(rtol=rtol, atol=atol, **kwargs)
+        self.max_steps = max_steps
+
+
+class Broyden(_FixedPointLinearSolver):
+    r"""Broyden's method as a lineax linear solver: [`fixedpoint.Broyden`][] run on
+    $r(u) = A u - b$ from $u_0 = 0$ (or `options["y0"]`). On a linear problem good
+    Broyden terminates in at most $2n$ steps in exact arithmetic (Gay 1979).
+    """
+
+    def __init__(self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs):
+        """**Arguments:** `rtol`, `atol` and every other keyword (`norm`, `memory`,
+        `beta`, `line_search`, `max_backtracks`, `divergence_factor`) as for
+        [`fixedpoint.Broyden`][]; `max_steps` (>= 1) the most matrix-vector products.
+        """
+        self.root_finder = _BroydenRoot(rtol=rtol, atol=atol, **kwargs)
+        self.max_steps = max_steps
+
+
+class Neumann(_FixedPointLinearSolver):
+    r"""The (damped) Neumann series as a lineax linear solver: [`fixedpoint.Neumann`][]
+    run on $r(u) = A u - b$ from $u_0 = 0$ (or `options["y0"]`), i.e.
+    $u_{k+1} = u_k + \beta (A u_k - b)$. With $\beta = 1$ and $A = M - I$ the iterates
+    are the partial sums $-\sum_{i<k} M^i b$ of the Neumann series of $(I - M)^{-1}$.
+    """
+
+    def __init__(self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs):
+        """**Arguments:** `rtol`, `atol` and every other keyword (`norm`, `beta`,
+        `divergence_factor`) as for [`fixedpoint.Neumann`][]; `max_steps` (>= 1) the most
+        matrix-vector products. With `rtol = atol = 0` exactly `max_steps` terms of the
+        series are summed.
+        """
+        self.root_finder = _NeumannRoot(rtol=rtol, atol=atol, **kwargs)
+        self.max_steps = max_steps
