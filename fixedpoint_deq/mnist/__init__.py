@@ -1,0 +1,1 @@
+"""MNIST deep-equilibrium example: data loading (`data`)."""
