@@ -163,9 +163,11 @@ class Anderson(FixedPointRootFinder):
         )
 
         # Accepted point: push the new differences into the ring buffer.
+        # (Write one row in place; a no-op rewrite of the old row when not pushing.)
         push = state.has_prev & ~reject
-        dy = jnp.where(push, state.dy.at[state.index].set(y_k - state.y_prev), state.dy)
-        dr = jnp.where(push, state.dr.at[state.index].set(r_k - state.r_prev), state.dr)
+        i = state.index
+        dy = state.dy.at[i].set(jnp.where(push, y_k - state.y_prev, state.dy[i]))
+        dr = state.dr.at[i].set(jnp.where(push, r_k - state.r_prev, state.dr[i]))
         count = jnp.where(reject, 0, jnp.where(push, jnp.minimum(state.count + 1, self.m), state.count))
         index = jnp.where(reject, 0, jnp.where(push, (state.index + 1) % self.m, state.index))
 

@@ -141,23 +141,23 @@ class Broyden(FixedPointRootFinder):
             backtrack = jnp.array(False)
         accept = state.has_prev & ~backtrack
 
-        # Good Broyden update of H with the accepted step.
+        # Good Broyden update of H with the accepted step. When the memory is full the
+        # approximation restarts: the new pair is then computed from H = -beta I.
         valid = jnp.arange(self.memory) < state.count
+        full = state.count >= self.memory
+        base = valid & ~full
         s = y_k - state.y_prev
         d = r_k - state.r_prev
-        h_d = _apply(state.u, state.v, valid, beta, d)
+        h_d = _apply(state.u, state.v, base, beta, d)
         denom = jnp.vdot(s, h_d)
         scale = jnp.linalg.norm(s) * jnp.linalg.norm(h_d)
         ok = accept & (jnp.abs(denom) > 1e3 * jnp.finfo(dtype).eps * scale + tiny)
         ok = ok & jnp.isfinite(denom)
         new_u = (s - h_d) / jnp.where(ok, denom, 1)
-        new_v = _apply_t(state.u, state.v, valid, beta, s)
-        full = state.count >= self.memory
-        restart = ok & full
-        slot = jnp.where(restart, 0, state.count)
-        keep = jnp.where(restart, jnp.zeros_like(valid), valid)[:, None]
-        u = jnp.where(ok, jnp.where(keep, state.u, 0).at[slot].set(new_u), state.u)
-        v = jnp.where(ok, jnp.where(keep, state.v, 0).at[slot].set(new_v), state.v)
+        new_v = _apply_t(state.u, state.v, base, beta, s)
+        slot = jnp.where(full, 0, state.count)
+        u = state.u.at[slot].set(jnp.where(ok, new_u, state.u[slot]))
+        v = state.v.at[slot].set(jnp.where(ok, new_v, state.v[slot]))
         count = jnp.where(ok, slot + 1, state.count)
         valid = jnp.arange(self.memory) < count
 
