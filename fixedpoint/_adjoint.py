@@ -93,10 +93,10 @@ class _AbstractStatsAdjoint(optx.AbstractAdjoint):
     def _backward(
         self, g_root, root: PyTree[Array], cotangent: PyTree[Array]
     ) -> tuple[PyTree[Array], tuple[Any, Any, Any]]:
-        """Given `g_root(z) = g(z, theta)` ... return (lambda_like, stats triple).
-
-        Implementations return the vector `w` such that the input cotangent is the VJP
-        of `g(root, .)` with respect to the inputs, applied to `w`.
+        """The backward rule. `g_root(z) = g(z, theta)` at the current parameters,
+        `root` = z*, `cotangent` = the cotangent of z*. Returns `(w, (num_steps,
+        residual_norm, failed))`, where the parameters' cotangent is
+        `VJP_theta(g at z*)(w)`.
         """
 
     def apply(self, primal_fn, rewrite_fn, inputs, tags):
