@@ -271,7 +271,12 @@ def _unrolled(g_root, root, cotangent, steps: int, damping: float):
         _, w = body(0, (cotangent, zeros))
     else:
         _, w = jax.lax.fori_loop(0, steps, body, (cotangent, zeros))
-    return w, (steps, 0.0, 0.0)
+    # A zero with the batch structure of the cotangent, so that under `vmap` the
+    # statistics are per sample (and summed for an unbatched probe), as for the
+    # implicit adjoint; a Python constant would be counted once per batch.
+    leaf = jtu.tree_leaves(cotangent)[0]
+    zero = 0 * jnp.isfinite(jnp.sum(leaf)).astype(leaf.dtype)
+    return w, (steps + zero, zero, zero)
 
 
 PhantomAdjoint.__init__.__doc__ = """**Arguments:**

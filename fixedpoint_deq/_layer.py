@@ -61,9 +61,15 @@ class DEQ(eqx.Module):
     """
 
     cell: Callable[[PyTree[Array], PyTree[Array]], PyTree[Array]]
-    solver: optx.AbstractRootFinder = fp.Anderson(m=5, beta=1.0, rtol=1e-3, atol=1e-5)
+    # Defaults for DEQ states: the RMS norm (the max norm over thousands of elements is
+    # needlessly strict for a layer); backward: a purely relative rule (atol tiny),
+    # since the cotangent's scale depends on the loss (e.g. 1 / batch size).
+    solver: optx.AbstractRootFinder = fp.Anderson(
+        m=5, beta=1.0, rtol=1e-3, atol=1e-5, norm=optx.rms_norm
+    )
     adjoint: optx.AbstractAdjoint = fp.ImplicitAdjoint(
-        fp.linear.Anderson(m=5, rtol=1e-3, atol=1e-5, max_steps=30), throw=False
+        fp.linear.Anderson(m=5, rtol=1e-3, atol=1e-9, norm=optx.rms_norm, max_steps=30),
+        throw=False,
     )
     max_steps: int = eqx.field(static=True, default=30)
     init: Literal["zero", "random"] = eqx.field(static=True, default="zero")

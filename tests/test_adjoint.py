@@ -310,3 +310,25 @@ def test_phantom_and_jacobian_free():
         fp.PhantomAdjoint(steps=0)
     with pytest.raises(ValueError, match="damping"):
         fp.PhantomAdjoint(damping=1.5)
+
+
+def test_approximate_adjoint_statistics_are_per_sample():
+    """Under vmap with an unbatched adjoint, steps are summed over the batch for every
+    adjoint alike (8 samples x k steps)."""
+
+    def f(z, b):
+        return 0.5 * z + b
+
+    def batch_loss(b_adj):
+        bs, adj = b_adj
+
+        def one(b):
+            return jnp.sum(optx.fixed_point(f, FORWARD["anderson"], jnp.zeros(2), b, adjoint=adj).value)
+
+        return jnp.sum(jax.vmap(one)(bs))
+
+    bs = jnp.ones((8, 2))
+    for adjoint, steps in [(fp.PhantomAdjoint(steps=3), 3), (fp.JacobianFreeAdjoint(), 1)]:
+        _, g_adj = eqx.filter_grad(batch_loss)((bs, adjoint))
+        assert float(g_adj.stats.num_steps) == 8 * steps
+        assert float(g_adj.stats.failed) == 0

@@ -1,1 +1,8 @@
-"""MNIST deep-equilibrium example: data loading (`data`)."""
+"""MNIST deep-equilibrium example.
+
+- `data`: the strict IDX reader and the verified loader (`load_mnist`).
+- `model`: the convolutional DEQ classifier (`DEQClassifier`, `ConvCell`).
+- `train`: data-parallel, resumable training (`Config`, `train`).
+- ``python -m fixedpoint_deq.mnist`` / ``fixedpoint-mnist``: the command line
+  (``--help`` lists every option; ``--quick`` for a short run).
+"""

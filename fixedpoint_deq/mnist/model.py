@@ -1,0 +1,164 @@
+"""The MNIST deep-equilibrium classifier: a convolutional cell solved by a `DEQ`.
+
+Per sample (an image ``(1, 28, 28)``, normalised):
+
+1. injection ``x_inj = GroupNorm(GELU(Conv(1 -> C, 3x3, padding 1)(image)))``;
+2. the DEQ: ``z* = f(z*, x_inj)`` with the cell
+   ``f(z, x_inj) = GroupNorm(GELU(Conv(C -> C, 3x3, padding 1)(z))) + x_inj``,
+   from ``z0 = 0``;
+3. the head: pool ``z*`` over space and classify with ``Linear``. ``head="mean"`` is
+   the seed's global mean pool then ``Linear(C -> 10)``; ``head="pool4"`` (the default,
+   it measurably helps, see `fixedpoint_deq.mnist.train`) average-pools to a 4x4 grid
+   (7x7 windows) and classifies ``C * 16`` features with ``Linear(C * 16 -> 10)``.
+
+The model is called on ONE sample; `jax.vmap` it over a batch (each sample's forward
+solve then stops on its own tolerance and reports its own `DEQRecord`).
+
+**Layout (performance).** The parameters are ordinary `eqx.nn.Conv2d` /
+`eqx.nn.GroupNorm` layers, but the DEQ state is kept channels-last, ``(28, 28, C)``,
+and the cell's convolution is `conv3x3`: XLA's CPU backend runs a channels-first
+convolution, or the transposed convolution of its reverse mode, about 10x slower inside
+a `while_loop` (where the forward and backward solvers call the cell) than outside one.
+`conv3x3` runs the primal as an NHWC/HWIO convolution and its derivative as an explicit
+im2col matrix product, which stays fast inside loops in both modes. Measured on 2 CPU
+cores (batch 64, C = 12, 10 iterations in a loop): forward 80 ms instead of 830 ms,
+reverse mode ~250 ms instead of ~1600 ms.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optimistix as optx
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .._layer import DEQ, DEQRecord
+
+HEADS = ("mean", "pool4")
+
+#: Mean and standard deviation of the MNIST training pixels (in [0, 1]).
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+
+def _conv_lax(kernel: Array, u: Array) -> Array:
+    """3x3 'SAME' convolution of ``u (H, W, I)`` with ``kernel (3, 3, I, O)``."""
+    return jax.lax.conv_general_dilated(
+        u[None], kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )[0]
+
+
+def _conv_im2col(kernel: Array, u: Array) -> Array:
+    """The same convolution as one matrix product of the 9 shifted copies of `u`."""
+    h, w, c = u.shape
+    p = jnp.pad(u, ((1, 1), (1, 1), (0, 0)))
+    patches = jnp.concatenate(
+        [p[i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=-1
+    )
+    return patches @ kernel.reshape(9 * c, -1)
+
+
+@jax.custom_jvp
+def conv3x3(kernel: Array, u: Array) -> Array:
+    """3x3 'SAME' convolution, channels-last: ``u (H, W, I)``, ``kernel (3, 3, I, O)``.
+
+    Mathematically `jax.lax.conv_general_dilated`; the primal is that convolution and the
+    (linear) tangent map is the im2col form, so that reverse mode transposes slices and
+    a matrix product instead of a convolution (see the module docstring). Differentiable
+    to any order, in forward and reverse mode.
+    """
+    return _conv_lax(kernel, u)
+
+
+@conv3x3.defjvp
+def _conv3x3_jvp(primals, tangents):
+    kernel, u = primals
+    d_kernel, d_u = tangents
+    return _conv_lax(kernel, u), _conv_im2col(kernel, d_u) + _conv_im2col(d_kernel, u)
+
+
+def _hwio(conv: eqx.nn.Conv2d) -> tuple[Array, Array]:
+    """Kernel (3, 3, I, O) and bias (O,) of an `eqx.nn.Conv2d` (weight O, I, 3, 3)."""
+    return jnp.transpose(conv.weight, (2, 3, 1, 0)), conv.bias.reshape(-1)
+
+
+def _norm_hwc(norm: eqx.nn.GroupNorm, y: Array) -> Array:
+    """`eqx.nn.GroupNorm` (channels-first) applied to a channels-last ``(H, W, C)``."""
+    return jnp.moveaxis(norm(jnp.moveaxis(y, -1, 0)), 0, -1)
+
+
+def _groups(channels: int, groups: int) -> int:
+    if groups < 1 or channels % groups:
+        raise ValueError(f"`groups` ({groups}) must be >= 1 and divide the width ({channels}).")
+    return groups
+
+
+class ConvCell(eqx.Module):
+    """``f(z, x) = GroupNorm(GELU(Conv(C -> C, 3x3, padding 1)(z))) + x`` on channels-last
+    ``(H, W, C)`` states."""
+
+    conv: eqx.nn.Conv2d
+    norm: eqx.nn.GroupNorm
+
+    def __init__(self, channels: int, groups: int = 1, *, key: PRNGKeyArray):
+        self.conv = eqx.nn.Conv2d(channels, channels, 3, padding=1, key=key)
+        self.norm = eqx.nn.GroupNorm(_groups(channels, groups), channels)
+
+    def __call__(self, z: Float[Array, "H W C"], x: Float[Array, "H W C"]) -> Float[Array, "H W C"]:
+        kernel, bias = _hwio(self.conv)
+        return _norm_hwc(self.norm, jax.nn.gelu(conv3x3(kernel, z) + bias)) + x
+
+
+class DEQClassifier(eqx.Module):
+    """Projection, a `DEQ` over a `ConvCell`, and a pooled linear head."""
+
+    project: eqx.nn.Conv2d
+    project_norm: eqx.nn.GroupNorm
+    deq: DEQ
+    head: eqx.nn.Linear
+    head_kind: str = eqx.field(static=True)
+
+    def __init__(
+        self,
+        width: int = 12,
+        *,
+        solver: optx.AbstractRootFinder,
+        adjoint: optx.AbstractAdjoint,
+        max_steps: int = 30,
+        groups: int = 1,
+        head: Literal["mean", "pool4"] = "pool4",
+        key: PRNGKeyArray,
+    ):
+        if head not in HEADS:
+            raise ValueError(f"`head` must be one of {HEADS}, got {head!r}.")
+        k_proj, k_cell, k_head = jax.random.split(key, 3)
+        self.project = eqx.nn.Conv2d(1, width, 3, padding=1, key=k_proj)
+        self.project_norm = eqx.nn.GroupNorm(_groups(width, groups), width)
+        cell = ConvCell(width, groups, key=k_cell)
+        self.deq = DEQ(cell, solver=solver, adjoint=adjoint, max_steps=max_steps, init="zero")
+        features = width if head == "mean" else width * 16
+        self.head = eqx.nn.Linear(features, 10, key=k_head)
+        self.head_kind = head
+
+    def features(self, z: Float[Array, "28 28 C"]) -> Float[Array, " F"]:
+        """Pooled features of the (channels-last) fixed point."""
+        if self.head_kind == "mean":
+            return jnp.mean(z, axis=(0, 1))
+        h, w, c = z.shape
+        return z.reshape(4, h // 4, 4, w // 4, c).mean(axis=(1, 3)).reshape(-1)
+
+    def __call__(
+        self,
+        image: Float[Array, "1 28 28"],
+        *,
+        key: PRNGKeyArray | None = None,
+        jac_reg: bool = False,
+    ) -> tuple[Float[Array, " 10"], DEQRecord]:
+        """Logits of one normalised image, and the DEQ's record."""
+        x_inj = self.project_norm(jax.nn.gelu(self.project(image)))  # (C, 28, 28)
+        x_inj = jnp.moveaxis(x_inj, 0, -1)  # channels-last, see the module docstring
+        z_star, record = self.deq(x_inj, key=key, jac_reg=jac_reg)
+        return self.head(self.features(z_star)), record

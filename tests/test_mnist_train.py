@@ -1,0 +1,338 @@
+"""The MNIST DEQ example: layer gradients, training, resuming, sharding, the CLI.
+
+Fast by design (small width, a few hundred real digits, few solver steps); the real
+MNIST is read from ``../shared/data/mnist`` (or ``$FIXEDPOINT_MNIST_DIR``).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+
+import fixedpoint as fp
+from fixedpoint_deq import DEQ
+from fixedpoint_deq.mnist import train as tr
+from fixedpoint_deq.mnist.model import ConvCell, conv3x3
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("FIXEDPOINT_MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
+
+needs_data = pytest.mark.skipif(
+    not (DATA_DIR / "train-images-idx3-ubyte.gz").exists()
+    and not (DATA_DIR / "train-images-idx3-ubyte").exists(),
+    reason=f"MNIST not found in {DATA_DIR}",
+)
+
+# A small, fast setting shared by the training tests (so they share one compilation).
+SMALL = dict(
+    width=8, batch_size=32, eval_batch_size=128, max_steps=8, epochs=2, lr=3e-3,
+    warmup_steps=4, train_subset=256, test_subset=128, seed=3,
+)
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env.update(extra)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from fixedpoint_deq.mnist.data import load_mnist
+
+    data = load_mnist(DATA_DIR, verify=False)
+    n, m = SMALL["train_subset"], SMALL["test_subset"]
+    return (
+        tr.prepare_images(data.train_images[:n]),
+        data.train_labels[:n].astype(np.int32),
+        tr.prepare_images(data.test_images[:m]),
+        data.test_labels[:m].astype(np.int32),
+    )
+
+
+def _params(model):
+    return jtu.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+def test_conv3x3_matches_lax_in_both_modes():
+    key1, key2, key3 = jax.random.split(jax.random.key(0), 3)
+    u = jax.random.normal(key1, (6, 5, 3))
+    k = jax.random.normal(key2, (3, 3, 3, 4))
+    t = jax.random.normal(key3, (6, 5, 3))
+
+    def ref(k, u):
+        return jax.lax.conv_general_dilated(
+            u[None], k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )[0]
+
+    np.testing.assert_allclose(conv3x3(k, u), ref(k, u), rtol=1e-5, atol=1e-5)
+    _, jv = jax.jvp(conv3x3, (k, u), (k, t))
+    _, jv_ref = jax.jvp(ref, (k, u), (k, t))
+    np.testing.assert_allclose(jv, jv_ref, rtol=1e-4, atol=1e-4)
+    g = jax.grad(lambda k, u: jnp.sum(jnp.sin(conv3x3(k, u))), argnums=(0, 1))(k, u)
+    g_ref = jax.grad(lambda k, u: jnp.sum(jnp.sin(ref(k, u))), argnums=(0, 1))(k, u)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_gradients_match_finite_differences():
+    """Implicit gradients of a DEQ over the convolutional cell (plus the Jacobian
+    regulariser) against central differences, in float64 (x64 scoped to this test)."""
+    with jax.enable_x64(True):
+        kc, kx, kr, kw = jax.random.split(jax.random.key(1), 4)
+        cell = ConvCell(2, key=kc)
+        cell = eqx.tree_at(lambda c: c.conv.weight, cell, 0.3 * cell.conv.weight)
+        cell = jtu.tree_map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, cell)
+        x = jax.random.normal(kx, (5, 5, 2), jnp.float64)
+        readout = jax.random.normal(kw, (5, 5, 2), jnp.float64)
+        solver = fp.Anderson(m=5, rtol=1e-12, atol=1e-12)
+        adjoint = fp.ImplicitAdjoint(fp.linear.Anderson(rtol=1e-12, atol=1e-14, max_steps=200))
+        params, static = eqx.partition(cell, eqx.is_inexact_array)
+
+        def loss(params):
+            deq = DEQ(eqx.combine(params, static), solver=solver, adjoint=adjoint, max_steps=200)
+            z, record = deq(x, key=kr, jac_reg=True)
+            return jnp.sum(readout * jnp.tanh(z)) + 0.7 * record.jac_reg
+
+        grads = jax.grad(loss)(params)
+
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        flat_grad, _ = jax.flatten_util.ravel_pytree(grads)
+        rng = np.random.default_rng(0)
+        eps = 1e-6
+        for i in rng.choice(flat.size, size=min(12, flat.size), replace=False):
+            e = jnp.zeros_like(flat).at[i].set(eps)
+            fd = (loss(unravel(flat + e)) - loss(unravel(flat - e))) / (2 * eps)
+            np.testing.assert_allclose(flat_grad[i], fd, rtol=1e-5, atol=1e-7)
+    assert not jax.config.jax_enable_x64
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def straight_run(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    config = tr.Config(**SMALL, checkpoint_dir=str(out / "ckpt"), out_dir=str(out / "out"))
+    model0 = tr.make_model(config)
+    result = tr.train(config, digits, progress=False, log=lambda s: None)
+    return config, model0, result, out
+
+
+@needs_data
+def test_training_lowers_the_loss(straight_run, digits):
+    config, model0, result, out = straight_run
+    train_x, train_y, _, _ = digits
+    mesh = tr.make_mesh()
+    step_eval = tr.make_eval_step(config)
+    before = tr.evaluate(model0, train_x, train_y, batch_size=128, mesh=mesh, eval_step=step_eval)
+    after = tr.evaluate(result.model, train_x, train_y, batch_size=128, mesh=mesh,
+                        eval_step=step_eval)
+    assert after["test_loss"] < 0.8 * before["test_loss"]
+    assert after["test_acc"] > before["test_acc"] + 0.2
+    h = result.history
+    assert [r["epoch"] for r in h] == [1, 2]
+    for r in h:
+        assert r["skipped"] == 0
+        assert 1 <= r["fwd_steps"] <= config.max_steps
+        assert r["bwd_steps"] == config.phantom_steps  # the default backward: phantom
+        assert 0 <= r["fwd_converged"] <= 1 and np.isfinite(r["jac_reg"])
+    # Metrics, plot, checkpoint.
+    lines = (out / "out" / tr.METRICS_FILE).read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [1, 2]
+    assert (out / "out" / tr.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((out / "ckpt" / tr.CHECKPOINT_JSON).read_text())
+    assert meta["epoch"] == 2 and (out / "ckpt" / meta["file"]).is_file()
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == [tr.CHECKPOINT_JSON, meta["file"]]
+
+
+@needs_data
+def test_resume_gives_the_same_weights(straight_run, digits, tmp_path):
+    config, _, straight, _ = straight_run
+    ckpt = tmp_path / "ckpt"
+    base = dict(SMALL, checkpoint_dir=str(ckpt), out_dir=str(tmp_path / "out"))
+    first = tr.train(tr.Config(**base), digits, progress=False, log=lambda s: None,
+                     stop_after_epoch=1)
+    assert first.epoch == 1 and json.loads((ckpt / tr.CHECKPOINT_JSON).read_text())["epoch"] == 1
+    resumed = tr.train(tr.Config(**base, resume=True), digits, progress=False, log=lambda s: None)
+    assert resumed.epoch == 2 and [r["epoch"] for r in resumed.history] == [1, 2]
+    for a, b in zip(_params(straight.model), _params(resumed.model), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    for a, b in zip(_params(straight.opt_state), _params(resumed.opt_state), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    assert resumed.history[1]["test_acc"] == pytest.approx(straight.history[1]["test_acc"])
+    # A resumed run must agree on the settings that shape the model.
+    with pytest.raises(ValueError, match="width"):
+        tr.train(tr.Config(**dict(base, width=4), resume=True), digits, progress=False,
+                 log=lambda s: None)
+
+
+@needs_data
+def test_non_finite_batch_skips_the_update(digits, tmp_path):
+    train_x, train_y, test_x, test_y = digits
+    config = tr.Config(**SMALL)
+    model = tr.make_model(config)
+    # The step the runs of this file use (already compiled).
+    step, _, optimizer = tr._compiled_steps(config, 16)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    x = np.array(train_x[:32])
+    x[5] = np.nan
+    # Shard and replicate as `train` does, so that the compiled step is reused.
+    mesh = tr.make_mesh()
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    model, opt_state = tr.replicate(model, mesh), tr.replicate(opt_state, mesh)
+    new_model, new_state, metrics = step(
+        model, opt_state, tr._put(x, sharding), tr._put(train_y[:32], sharding),
+        jax.random.key(0),
+    )
+    assert not bool(metrics["finite"])
+    for a, b in zip(_params(model) + _params(opt_state), _params(new_model) + _params(new_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # In a run: the one batch holding the NaN digit is skipped and counted, the weights
+    # stay finite and the other steps train.
+    bad_x = np.array(train_x)
+    bad_x[17] = np.nan
+    result = tr.train(tr.Config(**SMALL), (bad_x, train_y, test_x, test_y), progress=False,
+                      log=lambda s: None)
+    assert [r["skipped"] for r in result.history] == [1, 1]
+    assert all(np.isfinite(np.asarray(p)).all() for p in _params(result.model))
+    assert np.isfinite(result.history[-1]["train_loss"])
+
+
+def test_batch_size_must_divide_device_count():
+    # Checked before anything is loaded; on one device every size divides, so check the
+    # message path with a fake count through the mesh.
+    config = tr.Config(**dict(SMALL, batch_size=3))
+    if len(jax.devices()) == 1:
+        pytest.skip("needs several devices (covered in the sharded subprocess test)")
+    with pytest.raises(ValueError, match="divisible"):
+        tr.train(config, progress=False)
+
+
+_SHARDED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np, equinox as eqx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from fixedpoint_deq.mnist import train as tr
+    from fixedpoint_deq.mnist.data import load_mnist
+
+    assert len(jax.devices()) == 4, jax.devices()
+    data = load_mnist(sys.argv[1], verify=False)
+    x = tr.prepare_images(data.train_images[:16])
+    y = data.train_labels[:16].astype(np.int32)
+    config = tr.Config(width=4, batch_size=16, max_steps=6, backward="implicit",
+                       backward_max_steps=4, seed=1)
+    optimizer = tr.make_optimizer(config, 10)
+    step = tr.make_train_step(config, optimizer)
+    out = {}
+    for name, devices in (("one", jax.devices()[:1]), ("four", jax.devices())):
+        mesh = Mesh(np.array(devices), ("batch",))
+        model = tr.replicate(tr.make_model(config), mesh)
+        opt_state = tr.replicate(optimizer.init(eqx.filter(model, eqx.is_inexact_array)), mesh)
+        sh = NamedSharding(mesh, P("batch"))
+        xs, ys = tr._put(x, sh), tr._put(y, sh)
+        assert len(xs.sharding.device_set) == len(devices)
+        model, opt_state, m = step(model, opt_state, xs, ys, jax.random.key(0))
+        leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
+        out[name] = dict(
+            loss=float(m["loss"]), total=float(m["total"]), fwd=float(m["fwd_steps"]),
+            bwd=float(m["bwd_steps"]), params=[np.asarray(l).ravel().tolist() for l in leaves],
+        )
+    # The CLI refuses a batch size that the device count does not divide.
+    try:
+        tr.train(tr.Config(batch_size=6, data_dir=sys.argv[1]), progress=False)
+        out["refused"] = False
+    except ValueError as e:
+        out["refused"] = "divisible" in str(e)
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+@needs_data
+def test_sharded_step_equals_unsharded():
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT, str(DATA_DIR)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT")][-1]
+    out = json.loads(line[len("RESULT"):])
+    one, four = out["one"], out["four"]
+    for k in ("loss", "total", "fwd", "bwd"):
+        np.testing.assert_allclose(four[k], one[k], rtol=1e-5, atol=1e-6)
+    for a, b in zip(one["params"], four["params"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert out["refused"]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_help_lists_every_option():
+    proc = subprocess.run(
+        [sys.executable, "-m", "fixedpoint_deq.mnist", "--help"],
+        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    for option in (
+        "--data-dir", "--epochs", "--batch-size", "--lr", "--solver", "--anderson-m",
+        "--beta", "--broyden-memory", "--max-steps", "--fwd-tol", "--backward",
+        "--backward-solver", "--backward-max-steps", "--backward-tol", "--phantom-steps",
+        "--phantom-damping", "--jac-reg", "--width", "--seed", "--checkpoint-dir",
+        "--resume", "--train-subset", "--test-subset", "--quick", "--out-dir",
+        "--distributed", "../shared/data/mnist",
+    ):
+        assert option in text, option
+
+
+def test_cli_parses_quick_and_overrides():
+    from fixedpoint_deq.mnist.__main__ import config_from_args, QUICK
+
+    config, progress = config_from_args(["--quick", "--epochs", "2", "--solver", "broyden"])
+    assert config.epochs == 2 and config.train_subset == QUICK["train_subset"]
+    assert config.solver == "broyden" and progress
+    config, _ = config_from_args([])
+    assert config == tr.Config()
+    with pytest.raises(SystemExit):
+        config_from_args(["--solver", "newton"])
+
+
+def test_config_builds_every_solver_and_adjoint():
+    for solver in tr.FORWARD_SOLVERS:
+        assert type(tr.make_solver(tr.Config(solver=solver))).__name__.lower() == solver
+    assert isinstance(tr.make_adjoint(tr.Config(backward="jfb")), fp.JacobianFreeAdjoint)
+    assert isinstance(tr.make_adjoint(tr.Config(backward="phantom")), fp.PhantomAdjoint)
+    for s in tr.BACKWARD_SOLVERS:
+        adj = tr.make_adjoint(tr.Config(backward="implicit", backward_solver=s))
+        assert isinstance(adj, fp.ImplicitAdjoint)
+    with pytest.raises(ValueError):
+        tr.Config(resume=True).check()
+    with pytest.raises(ValueError):
+        tr.Config(beta=0).check()
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    a = tr.epoch_order(0, 3, 100)
+    np.testing.assert_array_equal(a, tr.epoch_order(0, 3, 100))
+    assert not np.array_equal(a, tr.epoch_order(0, 4, 100))
+    assert not np.array_equal(a, tr.epoch_order(1, 3, 100))
+    assert sorted(a.tolist()) == list(range(100))
