@@ -223,11 +223,14 @@ def postprocess(
     broken = (result == optx.RESULTS.nonfinite) | (
         result == optx.RESULTS.nonlinear_divergence
     )
-    # An unevaluated start (max_steps=0) has an infinite best norm: keep y then.
-    use_best = broken & jnp.isfinite(progress.best_norm)
-    y_out = tree_where(use_best, unravel_like(progress.y_best, y), y)
+    # `y_best` starts as y0, so a function that is non-finite from the first
+    # evaluation returns y0 (with the non-finite residual reported).
+    y_out = tree_where(broken, unravel_like(progress.y_best, y), y)
+    finite_best = broken & jnp.isfinite(progress.best_norm)
     stats = {
-        "residual_norm": jnp.where(use_best, progress.best_norm, progress.residual_norm)
+        "residual_norm": jnp.where(
+            finite_best, progress.best_norm, progress.residual_norm
+        )
     }
     if trace_length > 0:
         stats["residual_trace"] = progress.trace

@@ -29,6 +29,7 @@ class _AndersonState(eqx.Module):
     r_prev: Float[Array, " n"]
     has_prev: Bool[Array, ""]
     num_restarts: Int[Array, ""]
+    consecutive: Int[Array, ""]  # restarts in a row (halve the restart step each)
     progress: Progress
 
 
@@ -88,8 +89,10 @@ class Anderson(FixedPointRootFinder):
     **Safeguard:** if the residual at a new iterate exceeds `safeguard_factor` times the
     best residual seen so far, the extrapolation is rejected: the history is cleared and
     the next iterate is a damped Picard step from the best point,
-    $y_{best} + \beta\, g(y_{best})$ (its residual is stored, so this costs no extra
-    evaluation). `sol.state.num_restarts` counts these restarts.
+    $y_{best} + 2^{-j} \beta\, g(y_{best})$ (its residual is stored, so this costs no
+    extra evaluation), where $j$ counts the restarts in a row before this one: a
+    Picard step that itself overshoots is backtracked, not repeated.
+    `sol.state.num_restarts` counts the restarts.
 
     **Stopping rule, failures, statistics:** as for [`fixedpoint.Neumann`][]: stop when
     `norm(g(y) / (atol + rtol * |y|)) < 1`; `nonfinite`, `nonlinear_divergence` (residual
@@ -144,6 +147,7 @@ class Anderson(FixedPointRootFinder):
             r_prev=jnp.zeros_like(y_flat),
             has_prev=jnp.array(False),
             num_restarts=jnp.array(0),
+            consecutive=jnp.array(0),
             progress=init_progress(y_flat, self.trace_length),
         )
 
@@ -172,11 +176,16 @@ class Anderson(FixedPointRootFinder):
         index = jnp.where(reject, 0, jnp.where(push, (state.index + 1) % self.m, state.index))
 
         # Base point of the mixing step: the new point, or the best one on restart.
+        # A restart's step is halved for every restart in a row, so that a Picard
+        # step that itself overshoots is not repeated forever (backtracking).
+        consecutive = jnp.where(reject, state.consecutive + 1, 0)
+        shrink = jnp.asarray(0.5, dtype) ** jnp.maximum(consecutive - 1, 0)
         y_base = jnp.where(reject, progress.y_best, y_k)
         r_base = jnp.where(reject, progress.r_best, r_k)
         valid = jnp.arange(self.m) < count
         gamma = anderson_coefficients(dr, valid, r_base, reg)
-        y_next = y_base + beta * r_base - (dy + beta * dr).T @ gamma
+        step = beta * shrink
+        y_next = y_base + step * r_base - (dy + beta * dr).T @ gamma
 
         new_state = _AndersonState(
             dy=dy,
@@ -187,6 +196,7 @@ class Anderson(FixedPointRootFinder):
             r_prev=r_base,
             has_prev=jnp.array(True),
             num_restarts=state.num_restarts + reject.astype(state.num_restarts.dtype),
+            consecutive=consecutive.astype(state.consecutive.dtype),
             progress=progress,
         )
         return self._next_y(y, y_next, progress), new_state, aux

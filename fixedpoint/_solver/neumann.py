@@ -47,8 +47,10 @@ class Neumann(FixedPointRootFinder):
     larger than `divergence_factor` times the best one so far gives
     `RESULTS.nonlinear_divergence`; running out of steps gives
     `RESULTS.nonlinear_max_steps_reached`. After non-finite values or divergence the best
-    iterate evaluated is returned; after running out of steps, the final iterate (so
-    `rtol = atol = 0` runs exactly `max_steps` steps, a fixed-iteration solver).
+    iterate evaluated is returned (y0 itself if the very first evaluation is
+    non-finite; `sol.aux` is then still that of the last evaluation); after running out
+    of steps, the final iterate (so `rtol = atol = 0` runs exactly `max_steps` steps, a
+    fixed-iteration solver).
 
     **Statistics:** `sol.stats["residual_norm"]` is `norm(g(y))` at the last evaluated
     iterate: the returned `y` on success, the best one after non-finite values or

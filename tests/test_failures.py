@@ -1,0 +1,339 @@
+"""Failure modes of the Anderson, Broyden and Neumann root finders: non-finite values,
+divergence, no fixed point, too few steps, throw=True, a batch with failing samples;
+and the errors raised at construction (bad hyperparameters) and at trace time (a
+function whose output does not look like its input).
+
+To keep compilation down, the failing problems are the branches of one map `_zoo`
+chosen by a runtime `mode`, so each solver compiles once per (max_steps, throw).
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+import pytest
+
+import fixedpoint as fp
+
+
+NAN_LATER, NAN_FIRST, INF_FIRST, EXPAND, NO_FIXED_POINT, BLOWUP, CONTRACT, CONST = (
+    range(8)
+)
+
+
+def _zoo(z, mode):
+    """fixed_point maps, by mode (y0 = [0, 1] in every test):
+    NAN_LATER   0.5 z + 2 while z < 3, NaN beyond (the iterates reach 3 or 4);
+    NAN_FIRST   NaN everywhere;             INF_FIRST  +inf everywhere;
+    EXPAND      2 z + 1 (fixed point -1, but the Picard map expands);
+    NO_FIXED_POINT  z + 1;
+    BLOWUP      z + (z + 9)^3 (g = (z + 9)^3: the first, Picard, step overshoots);
+    CONTRACT    0.5 z + 1 (fixed point 2);  CONST      3.
+    """
+    branches = [
+        lambda z: jnp.where(z < 3, 0.5 * z + 2, jnp.nan),
+        lambda z: jnp.full_like(z, jnp.nan),
+        lambda z: jnp.full_like(z, jnp.inf),
+        lambda z: 2 * z + 1,
+        lambda z: z + 1,
+        lambda z: z + (z + 9) ** 3,
+        lambda z: 0.5 * z + 1,
+        lambda z: jnp.full_like(z, 3.0),
+    ]
+    return jax.lax.switch(mode, branches, z)
+
+
+Y0 = jnp.array([0.0, 1.0])
+
+
+@eqx.filter_jit
+def _solve(solver, mode, max_steps, throw):
+    return optx.fixed_point(_zoo, solver, Y0, mode, max_steps=max_steps, throw=throw)
+
+
+def solve(solver, mode, max_steps=60, throw=False):
+    # The mode is an array, not a Python int (which filter_jit would make static).
+    return _solve(solver, jnp.asarray(mode, jnp.int32), max_steps, throw)
+
+
+SOLVERS = {
+    "anderson": fp.Anderson(),
+    "broyden": fp.Broyden(),
+    "broyden_ls": fp.Broyden(line_search=True),
+    "neumann": fp.Neumann(),
+}
+ALL = sorted(SOLVERS)
+BASIC = ["anderson", "broyden", "neumann"]
+# throw=True only wraps the result in optimistix (shared by all solvers): two suffice.
+THROW = ["anderson", "neumann"]
+
+
+def result_is(sol, result):
+    return bool(sol.result == result)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_nan_after_progress_returns_best_iterate(name):
+    """f becomes NaN at the third point: RESULTS.nonfinite, and the returned value is
+    the best evaluated point y1 = [2, 2.5] (residual 1), never the NaN one."""
+    sol = solve(SOLVERS[name], NAN_LATER)
+    assert result_is(sol, optx.RESULTS.nonfinite), sol.result
+    assert int(sol.stats["num_steps"]) == 3
+    np.testing.assert_array_equal(sol.value, [2.0, 2.5])
+    assert float(sol.stats["residual_norm"]) == 1.0
+
+
+@pytest.mark.parametrize("mode", [NAN_FIRST, INF_FIRST], ids=["nan", "inf"])
+@pytest.mark.parametrize("name", ALL)
+def test_nonfinite_at_first_evaluation_is_reported(name, mode):
+    sol = solve(SOLVERS[name], mode)
+    assert result_is(sol, optx.RESULTS.nonfinite), sol.result
+    assert int(sol.stats["num_steps"]) == 1
+
+
+@pytest.mark.parametrize("mode", [NAN_FIRST, INF_FIRST], ids=["nan", "inf"])
+@pytest.mark.parametrize("name", ALL)
+def test_nonfinite_at_first_evaluation_returns_y0(name, mode):
+    """The only evaluated point is y0: that (finite) point should come back."""
+    sol = solve(SOLVERS[name], mode)
+    np.testing.assert_array_equal(sol.value, Y0)
+
+
+def test_expanding_map_neumann_diverges():
+    """f(z) = 2 z + 1 from [0, 1]: the residual y + 1 doubles every step; the solve
+    stops at the first residual above divergence_factor x the best (2 x 1e4 <
+    2^15), i.e. after 15 evaluations, and returns y0, the best point."""
+    sol = solve(SOLVERS["neumann"], EXPAND)
+    assert result_is(sol, optx.RESULTS.nonlinear_divergence), sol.result
+    assert int(sol.stats["num_steps"]) == 15
+    np.testing.assert_array_equal(sol.value, Y0)
+    assert float(sol.stats["residual_norm"]) == 2.0
+
+
+@pytest.mark.parametrize("name", ["anderson", "broyden", "broyden_ls"])
+def test_expanding_linear_map_is_solved_by_root_finders(name):
+    """Anderson and Broyden are root finders: they find the fixed point -1 of 2z + 1
+    that Picard iteration cannot reach."""
+    sol = solve(SOLVERS[name], EXPAND)
+    assert result_is(sol, optx.RESULTS.successful), sol.result
+    np.testing.assert_allclose(sol.value, [-1.0, -1.0], rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_overshooting_first_step_diverges(name):
+    """g = (z + 9)^3 from [0, 1]: every method's first step is y0 + g(y0), where the
+    residual is ~1e9 > 1e4 x 1000: divergence at step 2, y0 returned."""
+    sol = solve(SOLVERS[name], BLOWUP)
+    assert result_is(sol, optx.RESULTS.nonlinear_divergence), sol.result
+    assert int(sol.stats["num_steps"]) == 2
+    np.testing.assert_array_equal(sol.value, Y0)
+    assert float(sol.stats["residual_norm"]) == 1000.0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_no_fixed_point(name):
+    """f(z) = z + 1: no fixed point; the residual never changes, so no divergence:
+    max steps reached, and the value is finite (never NaN)."""
+    sol = solve(SOLVERS[name], NO_FIXED_POINT)
+    assert result_is(sol, optx.RESULTS.nonlinear_max_steps_reached), sol.result
+    assert int(sol.stats["num_steps"]) == 60
+    assert np.all(np.isfinite(sol.value))
+    assert float(sol.stats["residual_norm"]) == 1.0
+
+
+@pytest.mark.parametrize("name", BASIC)
+def test_max_steps_too_small(name):
+    """A contraction that needs more than two steps: max steps reached after exactly
+    two evaluations, and a finite iterate returned."""
+    sol = solve(SOLVERS[name], CONTRACT, max_steps=2)
+    assert result_is(sol, optx.RESULTS.nonlinear_max_steps_reached), sol.result
+    assert int(sol.stats["num_steps"]) == 2
+    assert np.all(np.isfinite(sol.value))
+    # With max_steps=60 the same problem is solved.
+    sol = solve(SOLVERS[name], CONTRACT)
+    assert result_is(sol, optx.RESULTS.successful), sol.result
+    # |g| = |1 - z/2| < 1e-6 + 1e-4 |z|, so |z - 2| < 4.1e-4.
+    np.testing.assert_allclose(sol.value, [2.0, 2.0], rtol=0, atol=4.1e-4)
+
+
+@pytest.mark.parametrize("name", BASIC)
+def test_max_steps_reports_last_evaluated_residual(name):
+    """Out of steps, stats["residual_norm"] is that of the last EVALUATED point (as
+    documented; the returned iterate is the next, unevaluated one), not the best:
+    f = 2 z + 1 from [0, 1] for two steps evaluates y0 (residual 2), then the Picard
+    point [1, 3] (residual 4)."""
+    sol = solve(SOLVERS[name], EXPAND, max_steps=2)
+    assert result_is(sol, optx.RESULTS.nonlinear_max_steps_reached), sol.result
+    assert float(sol.stats["residual_norm"]) == 4.0
+
+
+@pytest.mark.parametrize("name", ["anderson", "broyden"])
+def test_zero_tolerance_runs_all_steps(name):
+    """rtol = atol = 0: never 'converged', even on the exact fixed point; exactly
+    max_steps steps, and the solver sits on the fixed point (no NaN from 0/0)."""
+    sol = solve(
+        eqx.tree_at(lambda s: (s.rtol, s.atol), SOLVERS[name], (0.0, 0.0)), CONTRACT
+    )
+    assert result_is(sol, optx.RESULTS.nonlinear_max_steps_reached), sol.result
+    assert int(sol.stats["num_steps"]) == 60
+    np.testing.assert_allclose(sol.value, [2.0, 2.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        (NAN_FIRST, "Nonfinite"),
+        (BLOWUP, "diverged"),
+        (CONTRACT, "maximum number of steps"),
+    ],
+    ids=["nonfinite", "divergence", "max_steps"],
+)
+@pytest.mark.parametrize("name", THROW)
+def test_throw_raises(name, mode, message):
+    with pytest.raises(eqx.EquinoxRuntimeError, match=message):
+        jax.block_until_ready(solve(SOLVERS[name], mode, max_steps=2, throw=True).value)
+
+
+@pytest.mark.parametrize("name", THROW)
+def test_throw_does_not_raise_on_success(name):
+    sol = solve(SOLVERS[name], CONST, max_steps=2, throw=True)
+    np.testing.assert_array_equal(sol.value, [3.0, 3.0])
+    assert int(sol.stats["num_steps"]) == 2
+
+
+@pytest.mark.parametrize("name", BASIC)
+def test_vmap_over_failing_samples(name):
+    """A batch mixing failures and successes (throw=False): each sample gets its own
+    result and value, as when solved alone."""
+    modes = jnp.array([CONTRACT, NAN_LATER, NO_FIXED_POINT, BLOWUP, CONST])
+    batch = jax.vmap(lambda m: solve(SOLVERS[name], m))(modes)
+    expected = [
+        optx.RESULTS.successful,
+        optx.RESULTS.nonfinite,
+        optx.RESULTS.nonlinear_max_steps_reached,
+        optx.RESULTS.nonlinear_divergence,
+        optx.RESULTS.successful,
+    ]
+    for i, mode in enumerate(modes):
+        assert bool(np.asarray(batch.result == expected[i])[i]), (
+            i,
+            batch.result._value,
+        )
+        single = solve(SOLVERS[name], mode)
+        assert int(batch.stats["num_steps"][i]) == int(single.stats["num_steps"])
+        np.testing.assert_allclose(batch.value[i], single.value, rtol=1e-6)
+    assert np.all(np.isfinite(batch.value))
+
+
+# ----------------------------------------------------------------------------------
+# Construction and trace-time errors.
+
+
+BAD_HYPERPARAMETERS = [
+    (fp.Anderson, dict(m=0), "m"),
+    (fp.Anderson, dict(m=2.0), "m"),
+    (fp.Anderson, dict(m=True), "m"),
+    (fp.Anderson, dict(beta=0.0), "beta"),
+    (fp.Anderson, dict(beta=1.5), "beta"),
+    (fp.Anderson, dict(beta=float("nan")), "beta"),
+    (fp.Anderson, dict(rtol=-1e-3), "rtol"),
+    (fp.Anderson, dict(atol=-1e-6), "atol"),
+    (fp.Anderson, dict(rtol="small"), "rtol"),
+    (fp.Anderson, dict(regularisation=-1.0), "regularisation"),
+    (fp.Anderson, dict(safeguard_factor=1.0), "safeguard_factor"),
+    (fp.Anderson, dict(divergence_factor=1.0), "divergence_factor"),
+    (fp.Anderson, dict(trace_length=-1), "trace_length"),
+    (fp.Anderson, dict(norm="max"), "norm"),
+    (fp.Broyden, dict(memory=0), "memory"),
+    (fp.Broyden, dict(beta=-0.5), "beta"),
+    (fp.Broyden, dict(line_search=1), "line_search"),
+    (fp.Broyden, dict(line_search="yes"), "line_search"),
+    (fp.Broyden, dict(max_backtracks=-1), "max_backtracks"),
+    (fp.Broyden, dict(rtol=float("nan")), "rtol"),
+    (fp.Broyden, dict(divergence_factor=0.5), "divergence_factor"),
+    (fp.Broyden, dict(trace_length=2.5), "trace_length"),
+    (fp.Neumann, dict(beta=0.0), "beta"),
+    (fp.Neumann, dict(beta=2.0), "beta"),
+    (fp.Neumann, dict(atol=-1.0), "atol"),
+    (fp.Neumann, dict(divergence_factor=1.0), "divergence_factor"),
+    (fp.Neumann, dict(trace_length=-3), "trace_length"),
+]
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, name",
+    BAD_HYPERPARAMETERS,
+    ids=[f"{cls.__name__}-{name}" for cls, _, name in BAD_HYPERPARAMETERS],
+)
+def test_bad_hyperparameter_raises(cls, kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        (fp.Anderson, dict(m=1, beta=1.0, rtol=0.0, atol=0.0, regularisation=0.0)),
+        (fp.Anderson, dict(safeguard_factor=1.0001, divergence_factor=1.0001)),
+        (fp.Broyden, dict(memory=1, beta=1e-6, line_search=True, max_backtracks=0)),
+        (fp.Neumann, dict(beta=1.0, trace_length=0)),
+    ],
+)
+def test_boundary_hyperparameters_accepted(cls, kwargs):
+    """The boundaries of the allowed ranges are accepted (so the checks above test
+    the ranges, not just any value)."""
+    solver = cls(**kwargs)
+    for key, value in kwargs.items():
+        assert getattr(solver, key) == value
+
+
+def _shape_4(z, args):
+    return jnp.zeros(4)
+
+
+def _column(z, args):
+    return z[:, None]
+
+
+def _tuple(z, args):
+    return (z, z)
+
+
+def _root_of(f):
+    return lambda z, args: jax.tree.map(lambda a: a - 1.0, f(z, args))
+
+
+@pytest.mark.parametrize("name", BASIC)
+def test_fixed_point_output_shape_mismatch(name):
+    """Under optx.fixed_point, f(y) of shape (4,) for y of shape (3,) and of shape
+    (3, 1) (which would broadcast to (3, 3) in f(y) - y) are both rejected at trace
+    time with a ValueError about the structure/shape."""
+    solver = SOLVERS[name]
+    for f in (_shape_4, _column):
+        with pytest.raises(ValueError, match="same structure"):
+            optx.fixed_point(f, solver, jnp.zeros(3), throw=False)
+
+
+@pytest.mark.parametrize("name", BASIC)
+def test_root_find_output_shape_mismatch(name):
+    """Under optx.root_find the solvers' own check names the shapes."""
+    solver = SOLVERS[name]
+    for g in (_root_of(_shape_4), _root_of(_column), _root_of(_tuple)):
+        with pytest.raises(ValueError, match="same structure and shapes as its input"):
+            optx.root_find(g, solver, jnp.zeros(3), throw=False)
+
+
+def test_anderson_restart_backtracks_instead_of_repeating():
+    """From y0 = (2, 2.1) on y^3 - 2 the extrapolation overshoots; a restart's Picard
+    step overshoots too, and is halved until it does not: the solve converges."""
+    sol = optx.root_find(
+        lambda y, a: y**3 - 2.0,
+        fp.Anderson(rtol=0.0, atol=1e-6),
+        jnp.array([2.0, 2.1]),
+        throw=False,
+        max_steps=100,
+    )
+    assert sol.result == optx.RESULTS.successful
+    assert int(sol.state.num_restarts) >= 1
+    np.testing.assert_allclose(sol.value, 2.0 ** (1 / 3), rtol=1e-5)
