@@ -1,0 +1,570 @@
+r"""The problem suite of the benchmarks.
+
+Every problem is a `Problem`: a fixed-point problem $z = f(z)$ (``kind="fixed_point"``)
+or a root problem $g(z) = 0$ (``kind="root"``). Its function is written once, against
+an array namespace ``xp`` (NumPy, `jax.numpy` or `torch`), so that every library gets
+a native function: JAX solvers a jitted JAX function, SciPy a NumPy one, torchdeq a
+torch one. Functions are written in "row" form (``z @ W_t``), so that they accept a
+single state of shape ``(n,)`` and a batch of shape ``(B, n)`` alike.
+
+Conventions, shared by all solvers:
+
+- The residual is ``F(z) = f(z) - z`` for a fixed-point problem and ``F(z) = g(z)``
+  for a root problem. Root problems are scaled so that ``z + F(z)`` is a sensible
+  (damped, contracting) Picard map, i.e. ``-I`` is a sensible initial guess of the
+  inverse Jacobian of ``F`` (the convention of `optx.fixed_point`, SciPy's
+  `anderson`/`broyden1` with ``alpha=1`` and torchdeq). Solvers that only take a
+  fixed-point map (jaxopt, torchdeq, `optx.FixedPointIteration`) get ``z + F(z)``.
+- **The common residual** (the one definition applied to every solver):
+  ``||F(z)||_2 / ||F(z_0)||_2``, the 2-norm of the residual relative to the one at
+  the (fixed, shared) initial point. For a batch of states ``z`` of shape ``(B, n)``
+  the norm is taken per state and the worst state counts:
+  ``max_b ||F(z_b)||_2 / max_b ||F(z_{0,b})||_2`` (one absolute threshold for all
+  states). See `Problem.relative_residual`.
+
+Problems are registered in grids: ``"smoke"`` (tiny sizes, run once by the default
+test run), ``"default"`` (the report's default and the timed `pytest --benchmark-only`
+run) and ``"full"`` (the report's ``--full`` grid, `@pytest.mark.slow` in the tests).
+Register more with `register` (see the hook for the MNIST DEQ cell at the end).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+
+GRIDS = ("smoke", "default", "full")
+SMOKE = ("smoke",)
+DEFAULT = ("default", "full")
+FULL = ("full",)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """One benchmark problem.
+
+    - `name`: unique id (used as pytest id and benchmark group).
+    - `family`: the problem family (``linear``, ``tanh``, ...).
+    - `kind`: ``"fixed_point"`` (`fn` is the map ``f``) or ``"root"`` (`fn` is ``g``).
+    - `fn`: ``fn(z, params, xp) -> array`` like ``z``; ``xp`` is the array namespace.
+      Problems of one family share the same `fn` object, so that JAX solvers compiled
+      for one are reused for the others of the same shapes (parameters are arguments).
+    - `params`: the parameters, NumPy float64 arrays (converted per library).
+    - `z0`: the initial point, shape ``(n,)`` or ``(B, n)`` for a batch.
+    - `batch_axes`: for a batch, which parameters are per state (axis 0) and which are
+      shared (None), as ``jax.vmap``'s ``in_axes``; None for a single state.
+    - `description`, `source`, `solution`: documentation (also in the report).
+    - `exact`: a closed-form solution, where one exists.
+    """
+
+    name: str
+    family: str
+    kind: str
+    fn: Callable[[Any, dict, Any], Any]
+    params: dict[str, np.ndarray]
+    z0: np.ndarray
+    batch_axes: dict[str, int | None] | None = None
+    description: str = ""
+    source: str = ""
+    solution: str = ""
+    exact: Callable[[], np.ndarray] | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("fixed_point", "root"):
+            raise ValueError(f"kind must be 'fixed_point' or 'root', got {self.kind!r}")
+
+    @property
+    def batched(self) -> bool:
+        return self.batch_axes is not None
+
+    @property
+    def batch_size(self) -> int:
+        return self.z0.shape[0] if self.batched else 1
+
+    @property
+    def dim(self) -> int:
+        """Size of one state (``n``)."""
+        return self.z0.shape[-1]
+
+    def fixed_point_map(self, z, params, xp):
+        """``f(z)``, or the Picard map ``z + g(z)`` of a root problem."""
+        out = self.fn(z, params, xp)
+        return out if self.kind == "fixed_point" else z + out
+
+    def residual(self, z, params, xp):
+        """``F(z)``: ``f(z) - z``, or ``g(z)`` for a root problem."""
+        out = self.fn(z, params, xp)
+        return out - z if self.kind == "fixed_point" else out
+
+    def params_in(self, xp) -> dict[str, Any]:
+        """The parameters as arrays of namespace ``xp`` (float64)."""
+        if xp is np:
+            return dict(self.params)
+        if xp.__name__ == "torch":
+            return {k: xp.from_numpy(np.ascontiguousarray(v)) for k, v in self.params.items()}
+        return {k: xp.asarray(v) for k, v in self.params.items()}
+
+    def lane_params(self, b: int) -> dict[str, np.ndarray]:
+        """The parameters of state ``b`` of a batch (NumPy)."""
+        assert self.batched
+        return {
+            k: (v[b] if self.batch_axes.get(k) == 0 else v) for k, v in self.params.items()
+        }
+
+    def lane_norms(self, residual) -> np.ndarray:
+        """Per-state 2-norms of a residual array, shape ``(B,)`` (``(1,)`` if single)."""
+        r = np.asarray(residual, dtype=np.float64)
+        return np.atleast_1d(np.linalg.norm(r.reshape(-1, self.dim), axis=-1))
+
+    @functools.cached_property
+    def scale(self) -> float:
+        """``max_b ||F(z_{0,b})||_2``: the denominator of the common residual."""
+        return float(self.lane_norms(self.residual(self.z0, self.params, np)).max())
+
+    def lane_residuals(self, z) -> np.ndarray:
+        """Common relative residual of each state of ``z`` (NumPy recomputation)."""
+        z = np.asarray(z, dtype=np.float64).reshape(self.z0.shape)
+        return self.lane_norms(self.residual(z, self.params, np)) / self.scale
+
+    def relative_residual(self, z) -> float:
+        """The common residual ``max_b ||F(z_b)||_2 / max_b ||F(z_{0,b})||_2``."""
+        return float(self.lane_residuals(z).max())
+
+    def signature(self) -> tuple:
+        """What a compiled JAX solver depends on: the function, kind, shapes and the
+        batch layout (not the parameter values)."""
+        shapes = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in self.params.items()))
+        axes = None if self.batch_axes is None else tuple(sorted(self.batch_axes.items()))
+        return (self.fn, self.kind, shapes, self.z0.shape, axes)
+
+    def reference(self) -> np.ndarray:
+        """The known solution: the closed form if there is one, else Newton's method
+        (dense Jacobian, float64) to a residual below 1e-13 (relative)."""
+        if self.exact is not None:
+            return self.exact()
+        return newton_reference(self)
+
+
+def newton_reference(problem: Problem, max_iter: int = 50) -> np.ndarray:
+    """Solve ``F(z) = 0`` by Newton's method with a dense JAX Jacobian (float64)."""
+    import jax
+    import jax.numpy as jnp
+
+    with jax.enable_x64(True):
+        params = problem.params_in(jnp)
+        shape = problem.z0.shape
+
+        def flat_residual(x):
+            return problem.residual(x.reshape(shape), params, jnp).ravel()
+
+        residual = jax.jit(flat_residual)
+        jacobian = jax.jit(jax.jacfwd(flat_residual))
+        x = jnp.asarray(problem.z0.ravel())
+        for _ in range(max_iter):
+            r = residual(x)
+            if float(problem.relative_residual(np.asarray(x))) < 1e-13:
+                break
+            x = x - jnp.linalg.solve(jacobian(x), r)
+        return np.asarray(x).reshape(shape)
+
+
+# ----------------------------------------------------------------------------------
+# Registry.
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A registered problem: its `name` (known without building it), the `grids` it
+    belongs to, and `make()`, which builds it once (cached)."""
+
+    name: str
+    grids: tuple[str, ...]
+    make: Callable[[], Problem]
+
+
+_REGISTRY: list[Spec] = []
+
+
+def register(factory: Callable[..., Problem], /, *, grids: Iterable[str], **kwargs) -> None:
+    """Register ``factory(**kwargs)`` in the given grids (a subset of `GRIDS`).
+
+    `factory` must have a ``problem_name(**kwargs)`` attribute (see `named`) giving
+    the name of the problem it builds; the factory itself only runs when the problem
+    is used, and its result is cached, so expensive set-up (large matrices, loading
+    trained weights...) costs nothing until then.
+    """
+    grids = tuple(grids)
+    unknown = set(grids) - set(GRIDS)
+    if unknown:
+        raise ValueError(f"unknown grids {sorted(unknown)}; use a subset of {GRIDS}")
+    name = factory.problem_name(**kwargs)
+    if any(spec.name == name for spec in _REGISTRY):
+        raise ValueError(f"a problem named {name!r} is already registered")
+    _REGISTRY.append(Spec(name, grids, functools.cache(functools.partial(factory, **kwargs))))
+
+
+def named(problem_name: Callable[..., str]):
+    """Decorator: attach the naming function ``problem_name(**kwargs) -> str`` to a
+    problem factory (the name must not need the problem to be built)."""
+
+    def wrap(factory):
+        factory.problem_name = problem_name
+        return factory
+
+    return wrap
+
+
+def specs(grid: str = "default") -> list[Spec]:
+    """The registered problems of one grid, in registration order (not built)."""
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; use one of {GRIDS}")
+    return [spec for spec in _REGISTRY if grid in spec.grids]
+
+
+def problems(grid: str = "default") -> list[Problem]:
+    """The problems of one grid, built."""
+    return [spec.make() for spec in specs(grid)]
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _spectral_norm(a: np.ndarray, rng: np.random.Generator) -> float:
+    """||a||_2: by a dense SVD up to n = 1024, else by ARPACK (Lanczos, to machine
+    precision), which is much faster for the n = 4,096 cells."""
+    if a.shape[0] <= 1024:
+        return float(np.linalg.norm(a, 2))
+    from scipy.sparse.linalg import svds
+
+    v0 = rng.standard_normal(min(a.shape))
+    return float(svds(a, k=1, v0=v0, return_singular_vectors=False, tol=0)[0])
+
+
+def _cat(xp, arrays):
+    """Concatenate along the last axis, in any of the three namespaces."""
+    if xp.__name__ == "torch":
+        return xp.cat(arrays, dim=-1)
+    return xp.concatenate(arrays, axis=-1)
+
+
+# ----------------------------------------------------------------------------------
+# Linear contraction z = A z + b.
+
+
+def _linear_fn(z, p, xp):
+    return z @ p["At"] + p["b"]
+
+
+@named(lambda n, rho, seed=0: f"linear-n{n}-rho{rho:g}" + (f"-seed{seed}" if seed else ""))
+def linear_contraction(n: int, rho: float, seed: int = 0) -> Problem:
+    r"""Linear contraction $z = A z + b$ with spectral radius `rho`.
+
+    $A = Q \operatorname{diag}(\lambda) Q^\top$ with $Q$ a random orthogonal matrix and
+    the eigenvalues $\lambda$ equally spaced in $[-\rho, \rho]$ (so $\|A\|_2 = \rho$);
+    $b \sim N(0, I)$, $z_0 = 0$.
+
+    Source: the linear model problem of fixed-point acceleration; on it Anderson
+    acceleration is essentially GMRES (Walker & Ni 2011, SIAM J. Numer. Anal. 49(4)),
+    and plain iteration contracts by exactly `rho` per step, so it needs about
+    $\log(\mathrm{tol}) / \log \rho$ evaluations (1,833 for rho=0.99, tol=1e-8).
+
+    Solution (closed form): $z^* = (I - A)^{-1} b = Q \operatorname{diag}(1/(1 -
+    \lambda)) Q^\top b$.
+    """
+    rng = _rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = rho * np.linspace(-1.0, 1.0, n)
+    a = (q * lam) @ q.T
+    a = 0.5 * (a + a.T)
+    b = rng.standard_normal(n)
+    return Problem(
+        name=linear_contraction.problem_name(n=n, rho=rho, seed=seed),
+        family="linear",
+        kind="fixed_point",
+        fn=_linear_fn,
+        params={"At": a.T.copy(), "b": b},
+        z0=np.zeros(n),
+        description=f"z = A z + b, A symmetric, eigenvalues equally spaced in [-{rho:g}, {rho:g}], n={n}",
+        source="linear model problem (Walker & Ni 2011: Anderson ~ GMRES on it)",
+        solution="closed form z* = (I - A)^{-1} b",
+        exact=lambda: q @ ((q.T @ b) / (1.0 - lam)),
+    )
+
+
+# ----------------------------------------------------------------------------------
+# DEQ cell z = tanh(W z + U x).
+
+
+def _tanh_fn(z, p, xp):
+    return xp.tanh(z @ p["Wt"] + p["u"])
+
+
+def _tanh_name(n, s, variant="sym", batch=None, d=16, seed=0):
+    batch_tag = "" if batch is None else f"-B{batch}"
+    extra = (f"-d{d}" if d != 16 else "") + (f"-seed{seed}" if seed else "")
+    return f"tanh-{variant}{batch_tag}-n{n}-s{s:g}{extra}"
+
+
+@named(_tanh_name)
+def tanh_cell(
+    n: int, s: float, variant: str = "sym", batch: int | None = None, d: int = 16, seed: int = 0
+) -> Problem:
+    r"""The DEQ cell $z = \tanh(W z + U x)$ with $\|W\|_2 = s < 1$.
+
+    - ``variant="gauss"``: $W = s\,G / \|G\|_2$ with $G$ i.i.d. Gaussian. Its
+      eigenvalues fill a disk of radius about $s/2$ (circular law, scaled by the
+      spectral norm $\approx 2\sqrt n$), so plain iteration already contracts by about
+      $s/2$ per step and Krylov/Anderson acceleration gains little.
+    - ``variant="sym"``: $W = s\,(G + G^\top) / \|G + G^\top\|_2$, a symmetric matrix
+      whose real spectrum fills $[-s, s]$ (semicircle law): plain iteration contracts
+      only by about $s$ per step, and acceleration pays off.
+
+    $U \in \mathbb R^{n \times d}$ with $N(0, 1/d)$ entries and $x \sim N(0, I_d)$
+    (one $x$ per state of a batch), so the injection $U x$ has unit-variance entries;
+    $z_0 = 0$.
+
+    Source: the weight-tied cell of Deep Equilibrium Models (Bai, Kolter & Koltun,
+    NeurIPS 2019) in its simplest (single tanh layer) form.
+
+    Solution: unique, since $z \mapsto \tanh(Wz + Ux)$ is a contraction with factor
+    $s$ in the 2-norm (Banach); no closed form (reference: Newton's method).
+    """
+    if variant not in ("gauss", "sym"):
+        raise ValueError(f"variant must be 'gauss' or 'sym', got {variant!r}")
+    rng = _rng(seed)
+    g = rng.standard_normal((n, n))
+    if variant == "sym":
+        g = g + g.T
+    w = s * g / _spectral_norm(g, rng)
+    u_mat = rng.standard_normal((n, d)) / math.sqrt(d)
+    shape = (n,) if batch is None else (batch, n)
+    x = rng.standard_normal(shape[:-1] + (d,))
+    u = x @ u_mat.T
+    spectrum = "real spectrum in [-s, s]" if variant == "sym" else "eigenvalues in a disk of radius ~s/2"
+    return Problem(
+        name=_tanh_name(n, s, variant, batch, d, seed),
+        family="tanh" if batch is None else "tanh-batched",
+        kind="fixed_point",
+        fn=_tanh_fn,
+        params={"Wt": w.T.copy(), "u": u},
+        z0=np.zeros(shape),
+        batch_axes=None if batch is None else {"Wt": None, "u": 0},
+        description=(
+            f"z = tanh(W z + U x), {variant} W with ||W||_2 = {s:g} ({spectrum}), n={n}"
+            + ("" if batch is None else f", batch of {batch} inputs x (solved per state)")
+        ),
+        source="Deep Equilibrium Model cell (Bai, Kolter & Koltun 2019)",
+        solution="unique (contraction with factor s); reference by Newton's method",
+    )
+
+
+# ----------------------------------------------------------------------------------
+# Chandrasekhar's H-equation.
+
+
+def _h_fn(h, p, xp):
+    return 1.0 / (1.0 - h @ p["Kt"])
+
+
+@named(lambda n, c: f"hequation-n{n}-c{c:g}")
+def h_equation(n: int, c: float) -> Problem:
+    r"""Chandrasekhar's H-equation of radiative transfer, discretised by the midpoint
+    rule on $n$ nodes $\mu_i = (i - 1/2)/n$:
+
+    $$H_i = \Big(1 - \frac{c}{2n} \sum_{j=1}^n \frac{\mu_i H_j}{\mu_i + \mu_j}\Big)^{-1},
+    \qquad H_0 = (1, \dots, 1).$$
+
+    Source: Chandrasekhar, *Radiative Transfer* (1960); the standard test problem of
+    Anderson acceleration and Newton-Krylov methods (Kelley, *Iterative Methods for
+    Linear and Nonlinear Equations*, SIAM 1995, §5.6; Walker & Ni 2011; Toth & Kelley,
+    SIAM J. Numer. Anal. 53(2), 2015). Picard iteration converges for $c < 1$ but
+    slows down as $c \to 1$ (the Jacobian becomes singular at $c = 1$).
+
+    Solution: the discrete equation has a unique solution with positive entries for
+    $0 < c < 1$ (reference: Newton's method). It approximates the H-function, whose
+    zeroth moment is known in closed form, $\int_0^1 H(\mu)\,d\mu = 2(1 - \sqrt{1 -
+    c})/c$; the discrete mean $\frac1n \sum_i H_i$ matches it to $O(1/n)$.
+    """
+    mu = (np.arange(n) + 0.5) / n
+    k = (c / (2 * n)) * mu[:, None] / (mu[:, None] + mu[None, :])
+    return Problem(
+        name=h_equation.problem_name(n=n, c=c),
+        family="hequation",
+        kind="fixed_point",
+        fn=_h_fn,
+        params={"Kt": k.T.copy()},
+        z0=np.ones(n),
+        description=f"Chandrasekhar H-equation, c={c:g}, midpoint rule with n={n}",
+        source="Kelley 1995 §5.6; Walker & Ni 2011; Toth & Kelley 2015",
+        solution=f"reference by Newton; mean(H) ~ 2(1-sqrt(1-c))/c = {2 * (1 - math.sqrt(1 - c)) / c:.6f}",
+    )
+
+
+# ----------------------------------------------------------------------------------
+# Bratu's problem on the unit square.
+
+
+def _bratu_fn(u, p, xp):
+    s = p["S"]
+    grid = s.shape[0]
+    lead = tuple(u.shape[:-1])
+    e = xp.exp(u).reshape(lead + (grid, grid))
+    # L^{-1} e with L = -Laplacian (5-point, Dirichlet): diagonal in the sine basis.
+    w = s @ ((s @ e @ s) * p["inv_eig"]) @ s
+    return p["lam"] * w.reshape(lead + (grid * grid,)) - u
+
+
+@named(lambda grid, lam: f"bratu2d-N{grid}-lam{lam:g}")
+def bratu2d(grid: int, lam: float) -> Problem:
+    r"""Bratu's problem $-\Delta u = \lambda e^u$ on the unit square, $u = 0$ on the
+    boundary, 5-point finite differences on a ``grid`` x ``grid`` interior mesh
+    ($h = 1/(\mathrm{grid}+1)$), posed as the (Picard-preconditioned) root problem
+
+    $$g(u) = \lambda L_h^{-1} e^u - u = 0,\qquad u_0 = 0,$$
+
+    with $L_h = -\Delta_h$ applied in its eigenbasis (the orthonormal discrete sine
+    transform, as dense matrix products). The raw residual $-\Delta_h u - \lambda e^u$
+    has condition number $O(h^{-2})$ and no unpreconditioned Anderson/Broyden method
+    solves it in a reasonable budget; $L_h^{-1}$ is the standard (exact, fast)
+    preconditioner. The Jacobian of the Picard map, $\lambda L_h^{-1}
+    \operatorname{diag}(e^u)$, has spectral radius approaching 1 as $\lambda$
+    approaches the turning point $\lambda^* \approx 6.808$.
+
+    Source: the Bratu-Gelfand problem (Bratu 1914; Gelfand 1963), a standard nonlinear
+    elliptic benchmark of Newton-Krylov and Anderson methods (e.g. Kelley, *Solving
+    Nonlinear Equations with Newton's Method*, SIAM 2003; PETSc SNES ex5).
+
+    Solution: for $0 < \lambda < \lambda^*$ two solutions exist; from $u_0 = 0$ the
+    solvers find the lower (minimal, stable) branch; reference by Newton's method.
+    """
+    n = grid
+    j = np.arange(1, n + 1)
+    s = math.sqrt(2.0 / (n + 1)) * np.sin(np.pi * np.outer(j, j) / (n + 1))
+    h = 1.0 / (n + 1)
+    eig = (4.0 / h**2) * np.sin(j * np.pi * h / 2) ** 2
+    inv_eig = 1.0 / (eig[:, None] + eig[None, :])
+    return Problem(
+        name=bratu2d.problem_name(grid=grid, lam=lam),
+        family="bratu2d",
+        kind="root",
+        fn=_bratu_fn,
+        params={"S": s, "inv_eig": inv_eig, "lam": np.asarray(float(lam))},
+        z0=np.zeros(n * n),
+        description=(
+            f"Bratu -Lap u = lam e^u, lam={lam:g}, {grid}x{grid} grid (n={n * n}), "
+            "root problem g(u) = lam L^-1 e^u - u"
+        ),
+        source="Bratu-Gelfand problem; Kelley 2003; PETSc SNES ex5",
+        solution="lower branch (lambda < 6.808); reference by Newton",
+    )
+
+
+# ----------------------------------------------------------------------------------
+# Broyden's tridiagonal function.
+
+
+def _tridiag_fn(x, p, xp):
+    zero = x[..., :1] * 0
+    left = _cat(xp, [zero, x[..., :-1]])
+    right = _cat(xp, [x[..., 1:], zero])
+    return p["scale"] * ((3.0 - 2.0 * x) * x - left - 2.0 * right + 1.0)
+
+
+@named(lambda n: f"broyden-tridiag-n{n}")
+def broyden_tridiagonal(n: int) -> Problem:
+    r"""Broyden's tridiagonal function, the root problem
+
+    $$F_i(x) = (3 - 2x_i)x_i - x_{i-1} - 2x_{i+1} + 1 = 0 \quad (x_0 = x_{n+1} = 0),
+    \qquad x_0 = (-1, \dots, -1),$$
+
+    solved as $g(x) = -F(x)/5 = 0$: the equations are scaled by $-1/5$ so that
+    $J_g \approx -I$ near the solution (the diagonal of $J_F$ is $3 - 4x_i \approx
+    5$ there), the convention of every solver compared (see the module docstring).
+
+    Source: Broyden, Math. Comp. 19 (1965), problem 5; Moré, Garbow & Hillstrom, ACM
+    TOMS 7 (1981), problem 30.
+
+    Solution: no closed form; $F(x^*) = 0$ (reference: Newton's method; the entries of
+    $x^*$ lie in about $[-0.71, -0.41]$).
+    """
+    return Problem(
+        name=broyden_tridiagonal.problem_name(n=n),
+        family="broyden-tridiag",
+        kind="root",
+        fn=_tridiag_fn,
+        params={"scale": np.asarray(-0.2)},
+        z0=-np.ones(n),
+        description=f"Broyden tridiagonal function, n={n}, scaled by -1/5",
+        source="Broyden 1965; More, Garbow & Hillstrom 1981 (problem 30)",
+        solution="F(x*) = 0, no closed form; reference by Newton",
+    )
+
+
+# ----------------------------------------------------------------------------------
+# The grids.
+
+# Smoke: tiny versions of every family, run once by the default test run.
+register(linear_contraction, grids=SMOKE, n=50, rho=0.9)
+register(tanh_cell, grids=SMOKE, n=32, s=0.9, variant="gauss")
+register(tanh_cell, grids=SMOKE, n=32, s=0.9, variant="sym")
+register(tanh_cell, grids=SMOKE, n=32, s=0.9, variant="sym", batch=4)
+register(h_equation, grids=SMOKE, n=100, c=0.9)
+register(bratu2d, grids=SMOKE, grid=12, lam=6.0)
+register(broyden_tridiagonal, grids=SMOKE, n=100)
+
+# Default: the report's default and the timed benchmarks (a few minutes on 2 cores).
+for _rho in (0.5, 0.9, 0.99):
+    register(linear_contraction, grids=DEFAULT, n=100, rho=_rho)
+register(tanh_cell, grids=DEFAULT, n=64, s=0.9, variant="gauss")
+register(tanh_cell, grids=DEFAULT, n=64, s=0.9, variant="sym")
+register(tanh_cell, grids=DEFAULT, n=64, s=0.99, variant="sym")
+register(tanh_cell, grids=DEFAULT, n=64, s=0.9, variant="sym", batch=8)
+for _c in (0.5, 0.9, 0.99):
+    register(h_equation, grids=DEFAULT, n=500, c=_c)
+register(bratu2d, grids=DEFAULT, grid=32, lam=6.0)
+register(broyden_tridiagonal, grids=DEFAULT, n=1000)
+
+# Full: the bigger grid of the issue (report --full; `slow` in the tests).
+for _rho in (0.5, 0.9, 0.99):
+    register(linear_contraction, grids=FULL, n=1000, rho=_rho)
+for _n in (64, 512, 4096):
+    for _s in (0.5, 0.9, 0.99):
+        for _variant in ("gauss", "sym"):
+            if (_n, _s, _variant) in {(64, 0.9, "gauss"), (64, 0.9, "sym"), (64, 0.99, "sym")}:
+                continue  # already in the default grid
+            register(tanh_cell, grids=FULL, n=_n, s=_s, variant=_variant)
+register(tanh_cell, grids=FULL, n=512, s=0.9, variant="gauss", batch=16)
+register(tanh_cell, grids=FULL, n=512, s=0.99, variant="sym", batch=16)
+register(bratu2d, grids=FULL, grid=32, lam=1.0)
+register(bratu2d, grids=FULL, grid=64, lam=6.5)
+register(broyden_tridiagonal, grids=FULL, n=10000)
+
+
+# ----------------------------------------------------------------------------------
+# Hook: more problems.
+#
+# The MNIST DEQ cell of `fixedpoint_deq` (at random and at trained weights) is not
+# available yet. When it is, add a factory that builds its fixed-point problem in the
+# same form and register it, e.g.
+#
+#     def mnist_deq_cell(weights: str = "random", batch: int = 16) -> Problem:
+#         """The MNIST DEQ cell of fixedpoint_deq at `weights` (source: ...;
+#         solution: reference by Newton)."""
+#         params = ...  # the cell's arrays as float64 NumPy arrays, and the injection
+#         return Problem(name=f"mnist-deq-{weights}-B{batch}", family="mnist-deq",
+#                        kind="fixed_point", fn=_mnist_cell_fn, params=params,
+#                        z0=np.zeros((batch, n)), batch_axes={...})
+#
+#     register(mnist_deq_cell, grids=DEFAULT, weights="random")
+#     register(mnist_deq_cell, grids=DEFAULT, weights="trained")
+#
+# `_mnist_cell_fn(z, params, xp)` must only use operations that NumPy, jax.numpy and
+# torch share (``@``, arithmetic, ``xp.tanh``/``xp.exp``, ``reshape``), or the
+# SciPy/torchdeq peers are skipped for it (see `peers.py`).
