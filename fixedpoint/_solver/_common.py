@@ -85,6 +85,13 @@ def check_structure(y: PyTree, f_struct: PyTree) -> None:
         )
 
 
+def start(y: PyTree, f_struct: PyTree) -> Array:
+    """The common start of every `init`: check the function's output structure and
+    return `y` flattened in the solvers' working dtype."""
+    check_structure(y, f_struct)
+    return ravel(y, flat_dtype(y))
+
+
 def flat_dtype(y: PyTree) -> jnp.dtype:
     """The dtype that `ravel_pytree` gives `y`, and so of every buffer of a solver."""
     leaves = jtu.tree_leaves(y)

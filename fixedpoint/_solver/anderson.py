@@ -11,12 +11,10 @@ from ._common import (
     check_common,
     check_int,
     check_real,
-    check_structure,
     FixedPointRootFinder,
-    flat_dtype,
     init_progress,
     Progress,
-    ravel,
+    start,
 )
 
 
@@ -134,8 +132,7 @@ class Anderson(FixedPointRootFinder):
         tags: frozenset[object],
     ) -> _AndersonState:
         del fn, args, options, aux_struct, tags
-        check_structure(y, f_struct)
-        y_flat = ravel(y, flat_dtype(y))
+        y_flat = start(y, f_struct)
         n = y_flat.size
         zeros = jnp.zeros((self.m, n), y_flat.dtype)
         return _AndersonState(

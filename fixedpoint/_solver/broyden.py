@@ -11,12 +11,10 @@ from ._common import (
     check_common,
     check_int,
     check_real,
-    check_structure,
     FixedPointRootFinder,
-    flat_dtype,
     init_progress,
     Progress,
-    ravel,
+    start,
 )
 
 
@@ -103,8 +101,7 @@ class Broyden(FixedPointRootFinder):
         tags: frozenset[object],
     ) -> _BroydenState:
         del fn, args, options, aux_struct, tags
-        check_structure(y, f_struct)
-        y_flat = ravel(y, flat_dtype(y))
+        y_flat = start(y, f_struct)
         n = y_flat.size
         zeros = jnp.zeros((self.memory, n), y_flat.dtype)
         vec = jnp.zeros_like(y_flat)

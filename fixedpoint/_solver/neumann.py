@@ -9,12 +9,10 @@ from jaxtyping import PyTree, Scalar
 from ._common import (
     check_common,
     check_real,
-    check_structure,
     FixedPointRootFinder,
-    flat_dtype,
     init_progress,
     Progress,
-    ravel,
+    start,
 )
 
 
@@ -81,8 +79,7 @@ class Neumann(FixedPointRootFinder):
         tags: frozenset[object],
     ) -> _NeumannState:
         del fn, args, options, aux_struct, tags
-        check_structure(y, f_struct)
-        y_flat = ravel(y, flat_dtype(y))
+        y_flat = start(y, f_struct)
         return _NeumannState(init_progress(y_flat, self.trace_length))
 
     def step(self, fn, y, args, options, state: _NeumannState, tags):
