@@ -25,7 +25,7 @@ Conventions, shared by all solvers:
 Problems are registered in grids: ``"smoke"`` (tiny sizes, run once by the default
 test run), ``"default"`` (the report's default and the timed `pytest --benchmark-only`
 run) and ``"full"`` (the report's ``--full`` grid, `@pytest.mark.slow` in the tests).
-Register more with `register` (see the hook for the MNIST DEQ cell at the end).
+Register more with `register`.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class Problem:
         if xp is np:
             return dict(self.params)
         if xp.__name__ == "torch":
-            return {k: xp.from_numpy(np.ascontiguousarray(v)) for k, v in self.params.items()}
+            return {k: xp.from_numpy(np.array(v, dtype=np.float64)) for k, v in self.params.items()}
         return {k: xp.asarray(v) for k, v in self.params.items()}
 
     def lane_params(self, b: int) -> dict[str, np.ndarray]:
@@ -151,26 +151,41 @@ class Problem:
         return newton_reference(self)
 
 
+#: Largest system (all states together) solved with a dense Jacobian by `newton_reference`.
+DENSE_REFERENCE_MAX = 4096
+
+
 def newton_reference(problem: Problem, max_iter: int = 50) -> np.ndarray:
-    """Solve ``F(z) = 0`` by Newton's method with a dense JAX Jacobian (float64)."""
+    """Solve ``F(z) = 0`` by Newton's method in float64, from ``z0``, to a common
+    residual below 1e-13: with a dense JAX Jacobian up to `DENSE_REFERENCE_MAX`
+    unknowns, else matrix-free (Newton-Krylov: each step solves ``J d = -F`` by
+    restarted GMRES on Jacobian-vector products, to a relative 1e-10)."""
     import jax
     import jax.numpy as jnp
+    from jax.scipy.sparse.linalg import gmres
 
     with jax.enable_x64(True):
         params = problem.params_in(jnp)
         shape = problem.z0.shape
+        dense = problem.z0.size <= DENSE_REFERENCE_MAX
 
         def flat_residual(x):
             return problem.residual(x.reshape(shape), params, jnp).ravel()
 
-        residual = jax.jit(flat_residual)
-        jacobian = jax.jit(jax.jacfwd(flat_residual))
+        @jax.jit
+        def newton_step(x):
+            r = flat_residual(x)
+            if dense:
+                return x - jnp.linalg.solve(jax.jacfwd(flat_residual)(x), r)
+            _, jvp = jax.linearize(flat_residual, x)
+            d, _ = gmres(jvp, -r, tol=1e-10, atol=0.0, restart=60, maxiter=50)
+            return x + d
+
         x = jnp.asarray(problem.z0.ravel())
         for _ in range(max_iter):
-            r = residual(x)
             if float(problem.relative_residual(np.asarray(x))) < 1e-13:
                 break
-            x = x - jnp.linalg.solve(jacobian(x), r)
+            x = newton_step(x)
         return np.asarray(x).reshape(shape)
 
 
@@ -178,10 +193,17 @@ def newton_reference(problem: Problem, max_iter: int = 50) -> np.ndarray:
 # Registry.
 
 
+class Unavailable(Exception):
+    """Raised by a problem factory whose inputs are not on this machine (the MNIST
+    digits, a trained checkpoint). The report lists the problem as skipped with the
+    message; the tests skip it with the message."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """A registered problem: its `name` (known without building it), the `grids` it
-    belongs to, and `make()`, which builds it once (cached)."""
+    belongs to, and `make()`, which builds it once (cached; raises `Unavailable`,
+    also cached, when its inputs are not on this machine)."""
 
     name: str
     grids: tuple[str, ...]
@@ -206,7 +228,32 @@ def register(factory: Callable[..., Problem], /, *, grids: Iterable[str], **kwar
     name = factory.problem_name(**kwargs)
     if any(spec.name == name for spec in _REGISTRY):
         raise ValueError(f"a problem named {name!r} is already registered")
-    _REGISTRY.append(Spec(name, grids, functools.cache(functools.partial(factory, **kwargs))))
+    _REGISTRY.append(Spec(name, grids, _cached(functools.partial(factory, **kwargs))))
+
+
+#: Environment variables that say where a problem's inputs are (see `mnist_deq_cell`).
+_INPUT_VARIABLES = ("FIXEDPOINT_MNIST_CHECKPOINT", "FIXEDPOINT_MNIST_DIR")
+
+
+def _cached(build: Callable[[], Problem]) -> Callable[[], Problem]:
+    """`build`, run once per setting of `_INPUT_VARIABLES`: its problem, or its
+    `Unavailable`, is remembered."""
+    import os
+
+    @functools.cache
+    def outcome(inputs):
+        try:
+            return build()
+        except Unavailable as e:
+            return e
+
+    def make() -> Problem:
+        out = outcome(tuple(os.environ.get(v) for v in _INPUT_VARIABLES))
+        if isinstance(out, Unavailable):
+            raise out
+        return out
+
+    return make
 
 
 def named(problem_name: Callable[..., str]):
@@ -508,6 +555,178 @@ def broyden_tridiagonal(n: int) -> Problem:
 
 
 # ----------------------------------------------------------------------------------
+# The MNIST DEQ cell of fixedpoint_deq.
+
+
+#: Where the trained MNIST DEQ is looked for: ``$FIXEDPOINT_MNIST_CHECKPOINT``, else this
+#: directory (relative to the repository root), where the README's main command writes it.
+ENV_MNIST_CHECKPOINT = "FIXEDPOINT_MNIST_CHECKPOINT"
+DEFAULT_MNIST_CHECKPOINT = "runs/mnist/ckpt"
+_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _shift_cat(xp, arrays, axis):
+    if xp.__name__ == "torch":
+        return xp.cat(arrays, dim=axis)
+    return xp.concatenate(arrays, axis=axis)
+
+
+def _mnist_cell_fn(z, p, xp):
+    # f(z) = GroupNorm(GELU(conv3x3(z) + bias)) + x_inj on channels-last 28 x 28 x C
+    # states, flattened to n = 784 C; written with ops NumPy, JAX and torch share.
+    c = p["bias"].shape[-1]
+    lead = tuple(z.shape[:-1])
+    u = z.reshape(lead + (28, 28, c))
+    zero_row = u[..., :1, :, :] * 0
+    u = _shift_cat(xp, [zero_row, u, zero_row], -3)
+    zero_col = u[..., :, :1, :] * 0
+    u = _shift_cat(xp, [zero_col, u, zero_col], -2)  # zero padding: (..., 30, 30, C)
+    patches = _shift_cat(xp, [u[..., i : i + 28, j : j + 28, :] for i in range(3) for j in range(3)], -1)
+    y = patches.reshape(lead + (784, 9 * c)) @ p["K"] + p["bias"]
+    y = 0.5 * y * (1.0 + xp.tanh(_GELU_C * (y + 0.044715 * y**3)))  # GELU (tanh form)
+    mean = (y.sum(-2) @ p["G"]) / 784  # GroupNorm: per group over space and channels
+    d = y - mean[..., None, :]
+    var = ((d * d).sum(-2) @ p["G"]) / 784
+    out = d / ((var + p["eps"]) ** 0.5)[..., None, :] * p["gn_w"] + p["gn_b"]
+    return out.reshape(lead + (784 * c,)) + p["x"]
+
+
+def _mnist_data_dir():
+    import os
+
+    if os.environ.get("FIXEDPOINT_MNIST_DIR"):
+        return os.environ["FIXEDPOINT_MNIST_DIR"]
+    shared = _ROOT.parent / "shared" / "data" / "mnist"
+    return str(shared) if shared.is_dir() else None
+
+
+def _mnist_checkpoint(checkpoint):
+    import os
+
+    if checkpoint is not None:
+        return __import__("pathlib").Path(checkpoint)
+    path = os.environ.get(ENV_MNIST_CHECKPOINT) or DEFAULT_MNIST_CHECKPOINT
+    path = __import__("pathlib").Path(path)
+    return path if path.is_absolute() else _ROOT / path
+
+
+def _mnist_name(weights, batch=8, width=12, seed=0, checkpoint=None):
+    extra = f"-seed{seed}" if seed else ""
+    return f"mnist-deq-{weights}-B{batch}" + (f"-w{width}" if weights == "random" else "") + extra
+
+
+@named(_mnist_name)
+def mnist_deq_cell(
+    weights: str, batch: int = 8, width: int = 12, seed: int = 0, checkpoint: str | None = None
+) -> Problem:
+    r"""The convolutional DEQ cell of `fixedpoint_deq.mnist` on a batch of test digits:
+
+    $$z = f(z) = \mathrm{GroupNorm}\big(\mathrm{GELU}(K * z + c)\big) + x_{\mathrm{inj}},
+    \qquad z_0 = 0,$$
+
+    with $z$ a channels-last $28 \times 28 \times C$ state ($n = 784\,C$ unknowns per
+    digit; $C = 12$ for the trained model), $K * z$ the $3 \times 3$ zero-padded
+    convolution, GELU in its tanh form and GroupNorm with its affine weights, exactly
+    `fixedpoint_deq.mnist.model.ConvCell` (a test checks it against the model); the
+    injection $x_{\mathrm{inj}}$ is the model's projection of the first `batch` MNIST
+    test digits. One state per digit, solved per state (as the DEQ layer does).
+
+    - ``weights="random"``: the model at its initialisation (`seed`, `width`).
+    - ``weights="trained"``: the model of the checkpoint in `checkpoint`, else
+      ``$FIXEDPOINT_MNIST_CHECKPOINT``, else ``runs/mnist/ckpt`` (which the README's
+      main command writes). Training shapes the cell's Jacobian (the Jacobian
+      regulariser pushes it towards a contraction, the loss away from one), so the
+      two differ in difficulty.
+
+    Source: `fixedpoint_deq.mnist` (a single-scale version of the convolutional DEQ of Bai,
+    Kolter & Koltun 2019 and the DEQ examples this project started from); the digits
+    are MNIST's (LeCun et al. 1998), read from ``$FIXEDPOINT_MNIST_DIR``, else
+    ``../shared/data/mnist``, else the download cache (never downloaded here).
+
+    Solution: no closed form and no uniqueness guarantee (GroupNorm is not a
+    contraction in general); the reference is Newton-Krylov from $z_0 = 0$
+    (`newton_reference`), and all solvers start from $z_0 = 0$.
+
+    Raises:
+        Unavailable: the digits or the trained checkpoint are not on this machine.
+    """
+    if weights not in ("random", "trained"):
+        raise ValueError(f"weights must be 'random' or 'trained', got {weights!r}")
+    import jax
+    import jax.numpy as jnp
+
+    from fixedpoint_deq.mnist.data import load_mnist, MNISTDataError
+    from fixedpoint_deq.mnist import train as mnist_train
+
+    if weights == "random":
+        config = mnist_train.Config(width=width, seed=seed)
+        with jax.enable_x64(False):  # the float32 initialisation training starts from
+            model = mnist_train.make_model(config)
+        where = f"initialisation (seed {seed})"
+    else:
+        path = _mnist_checkpoint(checkpoint)
+        try:
+            model, config, epoch = mnist_train.load_model(path)
+        except FileNotFoundError as e:
+            raise Unavailable(
+                f"{e}; or set ${ENV_MNIST_CHECKPOINT} to a checkpoint directory"
+            ) from None
+        accuracy = ""
+        history = __import__("json").loads((path / mnist_train.CHECKPOINT_JSON).read_text())["history"]
+        if history:
+            accuracy = f", test accuracy {100 * history[-1]['test_acc']:.2f}%"
+        where = f"checkpoint {path} (epoch {epoch}{accuracy})"
+    try:
+        data = load_mnist(_mnist_data_dir(), download=False, verify=False)
+    except MNISTDataError as e:
+        raise Unavailable(f"MNIST digits not found: {e}") from None
+    images = mnist_train.prepare_images(data.test_images[:batch])
+    with jax.enable_x64(True):
+        model64 = jax.tree_util.tree_map(
+            lambda a: jnp.asarray(a, jnp.float64) if _is_float(a) else a, model
+        )
+        x_inj = jax.vmap(
+            lambda im: jnp.moveaxis(model64.project_norm(jax.nn.gelu(model64.project(im))), 0, -1)
+        )(jnp.asarray(images, jnp.float64))
+        x_inj = np.asarray(x_inj).reshape(batch, -1)
+    cell = model.deq.cell
+    c = cell.conv.weight.shape[0]
+    groups = cell.norm.groups
+    kernel = np.transpose(np.asarray(cell.conv.weight, np.float64), (2, 3, 1, 0))  # (3, 3, I, O)
+    group_of = np.arange(c) // (c // groups)
+    params = {
+        "K": kernel.reshape(9 * c, c),
+        "bias": np.asarray(cell.conv.bias, np.float64).reshape(c),
+        "G": (group_of[:, None] == group_of[None, :]) / float(c // groups),
+        "eps": np.asarray(float(cell.norm.eps)),
+        "gn_w": np.asarray(cell.norm.weight, np.float64),
+        "gn_b": np.asarray(cell.norm.bias, np.float64),
+        "x": x_inj,
+    }
+    return Problem(
+        name=_mnist_name(weights, batch, width, seed),
+        family=f"mnist-deq-{weights}",
+        kind="fixed_point",
+        fn=_mnist_cell_fn,
+        params=params,
+        z0=np.zeros((batch, 784 * c)),
+        batch_axes={k: (0 if k == "x" else None) for k in params},
+        description=(
+            f"MNIST DEQ cell z = GroupNorm(GELU(conv3x3(z))) + x_inj, C={c} (n={784 * c} per digit), "
+            f"{batch} test digits, weights from the {where}"
+        ),
+        source="fixedpoint_deq.mnist (conv DEQ cell, Bai et al. 2019); MNIST test digits",
+        solution="no closed form; reference by Newton-Krylov from z0 = 0",
+    )
+
+
+def _is_float(a) -> bool:
+    return hasattr(a, "dtype") and np.issubdtype(np.dtype(a.dtype), np.floating)
+
+
+# ----------------------------------------------------------------------------------
 # The grids.
 
 # Smoke: tiny versions of every family, run once by the default test run.
@@ -518,6 +737,8 @@ register(tanh_cell, grids=SMOKE, n=32, s=0.9, variant="sym", batch=4)
 register(h_equation, grids=SMOKE, n=100, c=0.9)
 register(bratu2d, grids=SMOKE, grid=12, lam=6.0)
 register(broyden_tridiagonal, grids=SMOKE, n=100)
+register(mnist_deq_cell, grids=SMOKE, weights="random", batch=2, width=4)
+register(mnist_deq_cell, grids=SMOKE, weights="trained", batch=2)
 
 # Default: the report's default and the timed benchmarks (a few minutes on 2 cores).
 for _rho in (0.5, 0.9, 0.99):
@@ -530,6 +751,8 @@ for _c in (0.5, 0.9, 0.99):
     register(h_equation, grids=DEFAULT, n=500, c=_c)
 register(bratu2d, grids=DEFAULT, grid=32, lam=6.0)
 register(broyden_tridiagonal, grids=DEFAULT, n=1000)
+register(mnist_deq_cell, grids=DEFAULT, weights="random", batch=4)
+register(mnist_deq_cell, grids=DEFAULT, weights="trained", batch=4)
 
 # Full: the bigger grid of the issue (report --full; `slow` in the tests).
 for _rho in (0.5, 0.9, 0.99):
@@ -545,26 +768,7 @@ register(tanh_cell, grids=FULL, n=512, s=0.99, variant="sym", batch=16)
 register(bratu2d, grids=FULL, grid=32, lam=1.0)
 register(bratu2d, grids=FULL, grid=64, lam=6.5)
 register(broyden_tridiagonal, grids=FULL, n=10000)
+register(mnist_deq_cell, grids=FULL, weights="random", batch=32)
+register(mnist_deq_cell, grids=FULL, weights="trained", batch=32)
 
 
-# ----------------------------------------------------------------------------------
-# Hook: more problems.
-#
-# The MNIST DEQ cell of `fixedpoint_deq` (at random and at trained weights) is not
-# available yet. When it is, add a factory that builds its fixed-point problem in the
-# same form and register it, e.g.
-#
-#     def mnist_deq_cell(weights: str = "random", batch: int = 16) -> Problem:
-#         """The MNIST DEQ cell of fixedpoint_deq at `weights` (source: ...;
-#         solution: reference by Newton)."""
-#         params = ...  # the cell's arrays as float64 NumPy arrays, and the injection
-#         return Problem(name=f"mnist-deq-{weights}-B{batch}", family="mnist-deq",
-#                        kind="fixed_point", fn=_mnist_cell_fn, params=params,
-#                        z0=np.zeros((batch, n)), batch_axes={...})
-#
-#     register(mnist_deq_cell, grids=DEFAULT, weights="random")
-#     register(mnist_deq_cell, grids=DEFAULT, weights="trained")
-#
-# `_mnist_cell_fn(z, params, xp)` must only use operations that NumPy, jax.numpy and
-# torch share (``@``, arithmetic, ``xp.tanh``/``xp.exp``, ``reshape``), or the
-# SciPy/torchdeq peers are skipped for it (see `peers.py`).

@@ -41,6 +41,12 @@ def _parse(argv):
         "--threads", type=int, default=1,
         help="BLAS/OpenMP threads of NumPy/SciPy/torch (default 1, see harness.pin_threads; 0 leaves them alone)",
     )
+    parser.add_argument(
+        "--mnist-checkpoint", metavar="DIR",
+        help="checkpoint directory of the trained MNIST DEQ (default: $FIXEDPOINT_MNIST_CHECKPOINT, "
+             "else runs/mnist/ckpt, which the README's main command writes); without one the "
+             "mnist-deq-trained problems are listed as not run",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -176,6 +182,10 @@ def _write_markdown(path, results, problems_list, adapters, targets, meta):
     lines.append("")
 
     lines += ["## Results by problem", ""]
+    if meta.get("unavailable"):
+        lines += ["Problems not run (their inputs are not on this machine):", ""]
+        lines += [f"- **{name}**: {why}" for name, why in meta["unavailable"].items()]
+        lines.append("")
     by_problem = {}
     for r in results:
         by_problem.setdefault(r.problem, []).append(r)
@@ -280,6 +290,18 @@ def _plot(path, problem, results, tol):
 # ----------------------------------------------------------------------------------
 
 
+def _next_signature(specs, spec):
+    """The signature of the problem after `spec` (None: last, or not available)."""
+    from . import problems
+
+    if spec is specs[-1]:
+        return None
+    try:
+        return specs[specs.index(spec) + 1].make().signature()
+    except problems.Unavailable:
+        return None
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     t_start = time.perf_counter()
@@ -288,6 +310,10 @@ def main(argv=None) -> int:
 
     if args.threads > 0:
         harness.pin_threads(args.threads)
+    if args.mnist_checkpoint:
+        from .problems import ENV_MNIST_CHECKPOINT
+
+        os.environ[ENV_MNIST_CHECKPOINT] = os.path.abspath(args.mnist_checkpoint)
 
     import jax
 
@@ -317,9 +343,16 @@ def _run(args, t_start) -> int:
 
     results, problems_list = [], []
     bar = tqdm(total=len(specs) * len(adapters), unit="solve", dynamic_ncols=True, disable=args.quiet)
+    unavailable = {}
     for spec in specs:
         bar.set_description(f"building {spec.name}")
-        problem = spec.make()
+        try:
+            problem = spec.make()
+        except problems.Unavailable as e:
+            unavailable[spec.name] = str(e)
+            bar.write(f"skipped {spec.name}: {e}")
+            bar.update(len(adapters))
+            continue
         problems_list.append(problem)
         mine = []
         for adapter in adapters:
@@ -335,8 +368,7 @@ def _run(args, t_start) -> int:
         if not args.no_plots:
             _plot(out / "plots" / f"{problem.name}.png", problem, mine, tol)
         # Free the compiled solvers of a family once its last problem is done.
-        nxt = specs[specs.index(spec) + 1].make() if spec is not specs[-1] else None
-        if nxt is None or nxt.signature() != problem.signature():
+        if _next_signature(specs, spec) != problem.signature():
             peers.clear_compiled()
     bar.close()
 
@@ -353,6 +385,7 @@ def _run(args, t_start) -> int:
         tol=tol,
         budget=budget,
         plots=not args.no_plots,
+        unavailable=unavailable,
     )
     _write_markdown(out / "report.md", results, problems_list, adapters, targets, meta)
     payload = dict(

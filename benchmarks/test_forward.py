@@ -17,6 +17,7 @@ import fnmatch
 import pytest
 
 from .harness import BUDGET, TOL
+from .problems import Unavailable
 
 
 pytestmark = pytest.mark.usefixtures("pinned_threads", "x64")
@@ -41,6 +42,17 @@ KNOWN_FAILURES = {
         "jaxopt's limited-memory Broyden overwrites its oldest rank-one term (no restart) and does "
         "not guard the 1 / <v, dg> denominator: the iteration blows up to NaN on these problems"
     ),
+    ("mnist-deq-*", "scipy.newton_krylov"): (
+        "SciPy's newton_krylov (finite-difference JVPs, inner LGMRES, Armijo line search) needs "
+        "1,681 evaluations on the random smoke cell, and on the trained cell its residual stays "
+        "at ~0.8 after 3,000"
+    ),
+    ("mnist-deq-trained*", "jaxopt.Broyden*"): "as on the linear problems: blows up to NaN",
+    ("mnist-deq-trained*", "jaxopt.AndersonAcceleration*"): (
+        "absolute ridge (1e-5), as on linear-rho0.99: decays to plain iteration, ~330 evaluations "
+        "per digit, more for the slowest of a batch"
+    ),
+    ("mnist-deq-trained*", "torchdeq.anderson*"): "absolute lam (1e-4), as jaxopt's ridge",
     ("linear-*-rho0.99", "scipy.broyden1*"): (
         "SciPy's default Armijo line search on ||F|| rejects Broyden's non-monotone steps and stalls "
         "(1.3e-7 after the budget; without line search it needs 112 evaluations)"
@@ -60,7 +72,10 @@ def test_forward(case, benchmark):
     reason = adapter.unavailable()
     if reason:
         pytest.skip(f"{adapter.name}: {reason}")
-    problem = spec.make()
+    try:
+        problem = spec.make()
+    except Unavailable as e:
+        pytest.skip(f"{spec.name}: {e}")
     reason = adapter.inapplicable(problem)
     if reason:
         pytest.skip(f"{adapter.name} on {problem.name}: {reason}")

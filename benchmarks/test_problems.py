@@ -27,7 +27,10 @@ def test_names_unique_and_lazy():
 @pytest.mark.parametrize("spec", problems.specs("smoke"), ids=lambda s: s.name)
 def test_same_function_in_every_namespace(spec):
     """NumPy (SciPy's peer), JAX (ours) and torch (torchdeq's) compute the same F."""
-    problem = spec.make()
+    try:
+        problem = spec.make()
+    except problems.Unavailable as e:
+        pytest.skip(str(e))
     rng = np.random.default_rng(1)
     z = problem.z0 + 0.1 * rng.standard_normal(problem.z0.shape)
     ref = problem.residual(z, problem.params, np)
@@ -120,3 +123,94 @@ def test_report_end_to_end(tmp_path):
     assert "linear-n50-rho0.9" in text and "fp.Anderson(m=5)" in text
     assert (tmp_path / "plots" / "linear-n50-rho0.9.png").exists()
     assert (tmp_path / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------------
+# The MNIST DEQ cell.
+
+
+def _mnist_or_skip(**kwargs):
+    try:
+        return problems.mnist_deq_cell(**kwargs)
+    except problems.Unavailable as e:
+        pytest.skip(str(e))
+
+
+def _model_cell_residual(model, problem, z):
+    """F(z) = f(z) - z computed by the model's own cell (float32, channels-last)."""
+    import jax
+
+    c = problem.dim // 784
+    z4 = jnp.asarray(z.reshape(-1, 28, 28, c), jnp.float32)
+    x4 = jnp.asarray(problem.params["x"].reshape(-1, 28, 28, c), jnp.float32)
+    out = jax.vmap(model.deq.cell)(z4, x4)
+    return np.asarray(out, np.float64).reshape(z.shape) - z
+
+
+def _check_against_model(problem, model):
+    rng = np.random.default_rng(2)
+    z = 0.5 * rng.standard_normal(problem.z0.shape)
+    ref = problem.residual(z, problem.params, np)
+    mine = _model_cell_residual(model, problem, z)
+    np.testing.assert_allclose(mine, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_mnist_random_cell_is_the_model_cell():
+    from fixedpoint_deq.mnist import train as tr
+
+    problem = _mnist_or_skip(weights="random", batch=2, width=4)
+    with __import__("jax").enable_x64(False):
+        model = tr.make_model(tr.Config(width=4, seed=0))
+    _check_against_model(problem, model)
+    # The injection is the model's projection of the first test digits (not zeros).
+    assert np.abs(problem.params["x"]).max() > 1.0
+    assert problem.dim == 784 * 4 and problem.batch_size == 2
+
+
+def test_mnist_trained_cell_from_a_checkpoint(tmp_path, monkeypatch):
+    """Train a tiny model for a few steps, write its checkpoint, and build the trained
+    problem from it: the same cell as the model's, a Newton-Krylov reference, and our
+    solvers and SciPy's reaching the common tolerance on it."""
+    from fixedpoint_deq.mnist import train as tr
+
+    data_dir = problems._mnist_data_dir()
+    _mnist_or_skip(weights="random", batch=1, width=4)  # skips without the digits
+    missing = tmp_path / "none"
+    with pytest.raises(problems.Unavailable, match="no checkpoint in .*none"):
+        problems.mnist_deq_cell(weights="trained", batch=2, checkpoint=str(missing))
+
+    config = tr.Config(
+        data_dir=data_dir, width=4, batch_size=32, epochs=1, train_subset=128, test_subset=64,
+        max_steps=8, warmup_steps=2, eval_batch_size=64, checkpoint_dir=str(tmp_path / "ckpt"),
+    )
+    with __import__("jax").enable_x64(False):
+        result = tr.train(config, progress=False)
+    monkeypatch.setenv(problems.ENV_MNIST_CHECKPOINT, str(tmp_path / "ckpt"))
+    problem = problems.mnist_deq_cell(weights="trained", batch=2)
+    assert "epoch 1" in problem.description and problem.dim == 784 * 4
+    _check_against_model(problem, result.model)
+    z = problem.reference()
+    assert problem.relative_residual(z) < 1e-12
+    for adapter in peers.solvers():
+        if adapter.name in ("fp.Anderson(m=5)", "fp.Broyden(memory=30)", "scipy.anderson(M=5)"):
+            r = harness.evaluate(problem, adapter, timing=False)
+            if r.status == "skipped":
+                continue
+            assert r.success, (adapter.name, r)
+            assert r.evals_to_tol <= r.evals_used
+
+
+def test_report_lists_unavailable_problems(tmp_path, monkeypatch):
+    from . import report
+
+    monkeypatch.setenv(problems.ENV_MNIST_CHECKPOINT, str(tmp_path / "nothing-here"))
+    spec = next(s for s in problems.specs("smoke") if s.name.startswith("mnist-deq-trained"))
+    with pytest.raises(problems.Unavailable, match="nothing-here"):
+        spec.make()
+    code = report.main(
+        ["--smoke", "--problems", "mnist-deq-trained*", "--out", str(tmp_path / "out"),
+         "--mnist-checkpoint", str(tmp_path / "nothing-here"), "--threads", "0", "--quiet", "--no-plots"]
+    )
+    assert code == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Problems not run" in text and "nothing-here" in text

@@ -55,6 +55,10 @@ from . import linear
 from ._solver._common import check_int, check_real
 
 
+def _float32(x) -> Array:
+    return jnp.asarray(x, dtype=jnp.float32)
+
+
 class BackwardStats(eqx.Module):
     """Statistics of a backward pass, read as the cotangent of an adjoint's `stats`.
 
@@ -64,12 +68,14 @@ class BackwardStats(eqx.Module):
     - `failed`: 1 if the backward solve failed (did not converge, diverged or produced
       non-finite values), else 0.
 
-    As cotangents they are summed over batched (`vmap`) and repeated uses.
+    As cotangents they are summed over batched (`vmap`) and repeated uses. They are
+    float32 whether or not 64-bit types are enabled, so that a model holding an adjoint
+    has the same structure (and serialises the same way) in both modes.
     """
 
-    num_steps: Float[Array, ""] = eqx.field(converter=jnp.asarray, default=0.0)
-    residual_norm: Float[Array, ""] = eqx.field(converter=jnp.asarray, default=0.0)
-    failed: Float[Array, ""] = eqx.field(converter=jnp.asarray, default=0.0)
+    num_steps: Float[Array, ""] = eqx.field(converter=_float32, default=0.0)
+    residual_norm: Float[Array, ""] = eqx.field(converter=_float32, default=0.0)
+    failed: Float[Array, ""] = eqx.field(converter=_float32, default=0.0)
 
 
 def _stats_like(stats: BackwardStats, num_steps, residual_norm, failed) -> BackwardStats:

@@ -2,6 +2,7 @@
 
 - `Config`: every setting (the command line maps onto it one to one).
 - `train(config)`: the whole run; returns a `Result` (model, optimiser state, history).
+- `load_model(directory)`: the trained model of a checkpoint, rebuilt from its config.
 - `make_model`, `make_optimizer`, `make_train_step`, `make_eval_step`, `epoch_order`,
   `prepare_images`: the pieces, for tests and notebooks.
 
@@ -407,6 +408,15 @@ def save_checkpoint(directory: str | os.PathLike, epoch: int, model, opt_state, 
     return directory / name
 
 
+def _read_as_like(f, x):
+    """Deserialise one leaf in the dtype of `x`: a checkpoint written with 64-bit types
+    enabled (or not) loads in a process running the other way. (The adjoints' statistics
+    probe, for one, is float32 or float64 after the mode at import.)"""
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.asarray(np.load(f), dtype=x.dtype)
+    return eqx.default_deserialise_filter_spec(f, x)
+
+
 def load_checkpoint(directory: str | os.PathLike, model_like, opt_state_like, key_like,
                     check: Callable[[dict], None] | None = None):
     """``(epoch, model, opt_state, key, history, saved_config)`` of the checkpoint in
@@ -420,9 +430,40 @@ def load_checkpoint(directory: str | os.PathLike, model_like, opt_state_like, ke
     if check is not None:
         check(meta["config"])
     like = (model_like, opt_state_like, jax.random.key_data(key_like))
-    model, opt_state, key_data = eqx.tree_deserialise_leaves(directory / meta["file"], like)
+    model, opt_state, key_data = eqx.tree_deserialise_leaves(
+        directory / meta["file"], like, filter_spec=_read_as_like
+    )
     key = jax.random.wrap_key_data(jnp.asarray(key_data), impl=jax.random.key_impl(key_like))
     return meta["epoch"], model, opt_state, key, meta["history"], meta["config"]
+
+
+def load_model(directory: str | os.PathLike) -> tuple[DEQClassifier, Config, int]:
+    """``(model, config, epoch)`` of the checkpoint in `directory` (for evaluation,
+    inspection or benchmarking a trained model; `train` with ``resume`` continues one).
+
+    The model is rebuilt from the configuration saved with the checkpoint, so its
+    width, groups, head and solvers are those it was trained with.
+
+    Raises:
+        FileNotFoundError: `directory` holds no ``checkpoint.json``.
+    """
+    directory = Path(directory)
+    meta_path = directory / CHECKPOINT_JSON
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint in {directory} (no {CHECKPOINT_JSON}); write one with "
+            f"`python -m fixedpoint_deq.mnist --checkpoint-dir {directory}`"
+        )
+    saved = json.loads(meta_path.read_text())["config"]
+    fields = {f.name for f in dataclasses.fields(Config)}
+    config = Config(**{k: v for k, v in saved.items() if k in fields})
+    with jax.enable_x64(False):  # checkpoints hold float32 arrays, also under x64
+        model = make_model(config)
+        optimizer = make_optimizer(config, total_steps=1)
+        opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+        loaded = load_checkpoint(directory, model, opt_state, jax.random.key(0))
+    epoch, model = loaded[0], loaded[1]
+    return model, config, epoch
 
 
 def write_metrics(out_dir: str | os.PathLike, history: Sequence[dict]) -> None:
