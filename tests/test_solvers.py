@@ -506,6 +506,44 @@ def test_broyden_line_search_from_farther_start(enable_x64):
     assert int(sol.state.num_backtracks) > 0
 
 
+def _dense_good_broyden(g, y0, beta, memory, steps):
+    """Textbook good Broyden with an explicit n x n inverse H (restarted from -beta I
+    once `memory` updates are in use): the points y_1, ..., y_steps it steps to."""
+    n = y0.size
+    y, h, count = y0.copy(), -beta * np.eye(n), 0
+    y_prev = r_prev = None
+    points = []
+    for _ in range(steps):
+        r = g(y)
+        if y_prev is not None:
+            s, d = y - y_prev, r - r_prev
+            if count >= memory:
+                h, count = -beta * np.eye(n), 0
+            h_d = h @ d
+            h = h + np.outer((s - h_d) / (s @ h_d), h.T @ s)
+            count += 1
+        y_prev, r_prev = y, r
+        y = y - h @ r
+        points.append(y)
+    return points
+
+
+@pytest.mark.parametrize("memory", [3, 30])
+@pytest.mark.parametrize("beta", [1.0, 0.7])
+def test_broyden_iterates_match_dense_broyden(memory, beta, enable_x64):
+    """The low-rank factors reproduce the dense good-Broyden iteration step by step,
+    across restarts (memory 3 restarts twice in 9 steps)."""
+    w, x, flag = small_problem("float64", norm=0.9, seed=5)
+    wn, xn = np.asarray(w), np.asarray(x)
+    expected = _dense_good_broyden(lambda y: np.tanh(wn @ y + xn) - y, np.zeros(N), beta, memory, 9)
+    solver = fp.Broyden(rtol=0.0, atol=0.0, memory=memory, beta=beta)
+    for k in (1, 2, 4, 5, 9):
+        sol = fixed(solver, jnp.zeros(N), (w, x, flag), max_steps=k)
+        assert int(sol.stats["num_steps"]) == k
+        # After k evaluations the solver returns the point of its k-th step.
+        np.testing.assert_allclose(sol.value, expected[k - 1], rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", SOLVERS)
 def test_vmap_different_step_counts(name):
     """A batch whose samples need different numbers of steps: each sample stops on

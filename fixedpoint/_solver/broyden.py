@@ -33,12 +33,13 @@ class _BroydenState(eqx.Module):
 
 def _apply(u, v, valid, beta, x):
     """H x with H = -beta I + U^T diag(valid) V."""
-    return -beta * x + u.T @ jnp.where(valid, v @ x, 0)
+    # (w @ u, not u.T @ w: XLA would materialise the transpose of the buffer.)
+    return -beta * x + jnp.where(valid, v @ x, 0) @ u
 
 
 def _apply_t(u, v, valid, beta, x):
     """H^T x."""
-    return -beta * x + v.T @ jnp.where(valid, u @ x, 0)
+    return -beta * x + jnp.where(valid, u @ x, 0) @ v
 
 
 class Broyden(FixedPointRootFinder):
@@ -55,8 +56,13 @@ class Broyden(FixedPointRootFinder):
     $$H_{k+1} = H_k + \frac{(s - H_k d)\, s^\top H_k}{s^\top H_k d},$$
 
     i.e. one more pair $u = (s - H_k d)/(s^\top H_k d)$, $v = H_k^\top s$. An update
-    with a vanishing denominator is skipped. When `memory` pairs are in use the
-    approximation restarts from $-\beta I$ (so memory is $2\,\mathrm{memory}\cdot n$).
+    with a vanishing (or non-finite) denominator is skipped. When `memory` pairs are in
+    use the approximation restarts: the next update is made from $-\beta I$ (so memory
+    is $2\,\mathrm{memory}\cdot n$).
+
+    Cost per step beyond the evaluation of $g$: two applications of the factors
+    ($H_k g(y_k)$ and $H_k^\top s$, i.e. $4\,\mathrm{memory}\cdot n$ multiply-adds),
+    with the factors updated in place.
     The first step, $y_1 = y_0 + \beta g(y_0)$, is a damped Picard step.
 
     It is a true quasi-Newton root finder: it also solves problems whose fixed-point
@@ -140,26 +146,37 @@ class Broyden(FixedPointRootFinder):
 
         # Good Broyden update of H with the accepted step. When the memory is full the
         # approximation restarts: the new pair is then computed from H = -beta I.
+        # The low-rank factors are applied twice per step (H r_k and H^T s), not three
+        # times: H d = H r_k - H r_prev = H r_k + p_prev, since p_prev = -H r_prev was
+        # computed with this same H (nothing updates H in between), and the new
+        # direction needs only H_new r_k = H r_k + u_new (v_new . r_k).
         valid = jnp.arange(self.memory) < state.count
         full = state.count >= self.memory
-        base = valid & ~full
         s = y_k - state.y_prev
         d = r_k - state.r_prev
-        h_d = _apply(state.u, state.v, base, beta, d)
+        h_r = _apply(state.u, state.v, valid, beta, r_k)
+        base_r = jnp.where(full, -beta * r_k, h_r)  # H_base r_k
+        h_d = jnp.where(full, -beta * d, h_r + state.p_prev)  # H_base d
+        new_v = jnp.where(full, -beta * s, _apply_t(state.u, state.v, valid, beta, s))
         denom = jnp.vdot(s, h_d)
         scale = jnp.linalg.norm(s) * jnp.linalg.norm(h_d)
         ok = accept & (jnp.abs(denom) > 1e3 * jnp.finfo(dtype).eps * scale + tiny)
-        ok = ok & jnp.isfinite(denom)
+        v_dot_r = jnp.vdot(new_v, r_k)
+        ok = ok & jnp.isfinite(denom) & jnp.isfinite(v_dot_r)
         new_u = (s - h_d) / jnp.where(ok, denom, 1)
-        new_v = _apply_t(state.u, state.v, base, beta, s)
+        # The pair is written unconditionally into the first unused slot (slot 0 on a
+        # restart) and counted only if the update is valid: an unused row may hold
+        # anything, and no used row is ever read back (so XLA updates the buffers in
+        # place, without copying them).
         slot = jnp.where(full, 0, state.count)
-        u = state.u.at[slot].set(jnp.where(ok, new_u, state.u[slot]))
-        v = state.v.at[slot].set(jnp.where(ok, new_v, state.v[slot]))
-        count = jnp.where(ok, slot + 1, state.count)
-        valid = jnp.arange(self.memory) < count
+        # (Masking both rows with `ok`, which depends on every read of both buffers,
+        # orders those reads before the writes, so XLA need not copy the buffers.)
+        u = state.u.at[slot].set(jnp.where(ok, new_u, 0))
+        v = state.v.at[slot].set(jnp.where(ok, new_v, 0))
+        count = jnp.where(ok, slot + 1, slot)
 
         # New direction from the current point, or a shorter step on backtracking.
-        p_k = -_apply(u, v, valid, beta, r_k)
+        p_k = -(base_r + jnp.where(ok, new_u * v_dot_r, 0))
         half_t = state.t / 2
         y_next = jnp.where(backtrack, state.y_prev + half_t * state.p_prev, y_k + p_k)
 
