@@ -439,21 +439,49 @@ class Jaxopt(JaxAdapter):
 
 class Scipy(Adapter):
     """scipy.optimize.anderson / broyden1 / newton_krylov (line search: SciPy's
-    default, Armijo, unless `line_search` is given)."""
+    default, Armijo, unless `line_search` is given).
+
+    SciPy has no batch mode. By default a batch is solved as ONE system (one history
+    shared by all states, one stopping test on the worst state). With
+    ``per_state=True`` each state is solved on its own, one after the other, as the
+    JAX solvers and torchdeq do (each state stops on its own; the evaluations counted
+    are those of the slowest state, the wall time is that of all the solves)."""
 
     library = "scipy"
     requires = ("scipy",)
 
-    def __init__(self, name: str, method: str, differences: int | None = None, **kwargs):
+    def __init__(
+        self, name: str, method: str, differences: int | None = None, per_state: bool = False, **kwargs
+    ):
         self.name = name
         self.method = method
         self.differences = differences
+        self.per_state = per_state
         self.kwargs = kwargs
+
+    def inapplicable(self, problem):
+        reason = super().inapplicable(problem)
+        if reason or not self.per_state or problem.batched:
+            return reason
+        return "a single state: the same as the whole-system solve"
 
     def prepare(self, problem, *, tol, budget):
         return _PyPrepared(self, problem, tol, budget)
 
     def solve(self, problem: Problem, tol_abs: float, budget: int, recorder: Recorder) -> np.ndarray:
+        if not (self.per_state and problem.batched):
+            return self._solve(problem, tol_abs, budget, recorder)
+        out, lanes, used = [], [], 0
+        for b in range(problem.batch_size):
+            lane = problem.lane(b)
+            rec = Recorder(lane, budget, recorder.record)
+            out.append(self._solve(lane, tol_abs, budget, rec))
+            lanes.append(np.asarray(rec.rows).reshape(-1) * lane.scale / problem.scale)
+            used = max(used, rec.count)
+        recorder.lanes, recorder.count = lanes, used
+        return np.stack(out)
+
+    def _solve(self, problem: Problem, tol_abs: float, budget: int, recorder: Recorder) -> np.ndarray:
         import scipy.optimize as so
 
         shape, n, params = problem.z0.shape, problem.dim, problem.params
@@ -547,7 +575,7 @@ class _PyPrepared(Prepared):
         self.tol_abs = tol * problem.scale
         self.budget = budget
         if problem.batched and adapter.library == "scipy":
-            self.note = "whole batch as one system"
+            self.note = "each state on its own" if adapter.per_state else "whole batch as one system"
 
     def run(self):
         return self.adapter.solve(self.problem, self.tol_abs, self.budget, Recorder(self.problem, self.budget, False))
@@ -558,6 +586,8 @@ class _PyPrepared(Prepared):
     def trace(self) -> Trace:
         recorder = Recorder(self.problem, self.budget, True)
         self.adapter.solve(self.problem, self.tol_abs, self.budget, recorder)
+        if getattr(recorder, "lanes", None) is not None:  # solved state by state
+            return Trace(rows=stack_lanes(recorder.lanes), evals_used=recorder.count)
         return recorder.trace()
 
 
@@ -593,6 +623,7 @@ def solvers(grid: str = "default") -> list[Adapter]:
         Jaxopt("jaxopt.FixedPointIteration", "picard"),
         Jaxopt("jaxopt.Broyden(history_size=30)", "broyden", differences=30),
         Scipy("scipy.anderson(M=5)", "anderson", differences=5),
+        Scipy("scipy.anderson(M=5,per_state)", "anderson", differences=5, per_state=True),
         Scipy("scipy.broyden1(max_rank=30)", "broyden", differences=30),
         Scipy("scipy.newton_krylov", "newton-krylov"),
         TorchDEQ("torchdeq.anderson(m=6)", "anderson", differences=5),

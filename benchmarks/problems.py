@@ -117,6 +117,13 @@ class Problem:
             k: (v[b] if self.batch_axes.get(k) == 0 else v) for k, v in self.params.items()
         }
 
+    def lane(self, b: int) -> "Problem":
+        """State ``b`` of a batch as a single-state problem (its own `scale`)."""
+        assert self.batched
+        return dataclasses.replace(
+            self, name=f"{self.name}[{b}]", params=self.lane_params(b), z0=self.z0[b], batch_axes=None
+        )
+
     def lane_norms(self, residual) -> np.ndarray:
         """Per-state 2-norms of a residual array, shape ``(B,)`` (``(1,)`` if single)."""
         r = np.asarray(residual, dtype=np.float64)

@@ -214,3 +214,23 @@ def test_report_lists_unavailable_problems(tmp_path, monkeypatch):
     assert code == 0
     text = (tmp_path / "out" / "report.md").read_text()
     assert "Problems not run" in text and "nothing-here" in text
+
+
+def test_scipy_per_state_solves_each_state_on_its_own():
+    """``per_state=True``: one SciPy solve per state of a batch, each stopping on its own
+    (a state's trace ends where that state met the tolerance), the slowest counted."""
+    pytest.importorskip("scipy")
+    problem = next(s for s in problems.specs("smoke") if s.name.startswith("tanh-sym-B")).make()
+    adapters = {a.name: a for a in peers.solvers()}
+    joint = harness.evaluate(problem, adapters["scipy.anderson(M=5)"], timing=False)
+    per_state = harness.evaluate(problem, adapters["scipy.anderson(M=5,per_state)"], timing=False)
+    assert joint.success and per_state.success
+    prepared = adapters["scipy.anderson(M=5,per_state)"].prepare(problem, tol=harness.TOL, budget=harness.BUDGET)
+    trace = prepared.trace()
+    assert trace.rows.shape[1] == problem.batch_size
+    lengths = [int(np.isfinite(trace.rows[:, b]).sum()) for b in range(problem.batch_size)]
+    assert max(lengths) == trace.evals_used == per_state.evals_used
+    assert len(set(lengths)) > 1  # the states stop at different counts
+    for b, k in enumerate(lengths):  # each state stops at its first point below tol
+        assert trace.rows[k - 1, b] <= harness.TOL < np.nanmin(trace.rows[: k - 1, b], initial=np.inf)
+    assert adapters["scipy.anderson(M=5,per_state)"].inapplicable(problems.specs("smoke")[0].make())

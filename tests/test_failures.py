@@ -337,3 +337,21 @@ def test_anderson_restart_backtracks_instead_of_repeating():
     assert sol.result == optx.RESULTS.successful
     assert int(sol.state.num_restarts) >= 1
     np.testing.assert_allclose(sol.value, 2.0 ** (1 / 3), rtol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 7, 12, 30])
+def test_anderson_gram_stays_the_gram_of_its_history(steps):
+    """The Gram matrix is updated one row and column per step (not recomputed): after
+    any number of steps - through ring-buffer wrap-around and safeguard restarts - it
+    equals dr @ dr.T of the stored history."""
+    sol = optx.root_find(
+        lambda y, a: y**3 - 2.0,
+        fp.Anderson(rtol=0.0, atol=0.0, m=3),
+        jnp.array([2.0, 2.1, -1.5]),
+        throw=False,
+        max_steps=steps,
+    )
+    if steps == 30:
+        assert int(sol.state.num_restarts) >= 1  # the restart path was exercised
+    dr = np.asarray(sol.state.dr, np.float64)
+    np.testing.assert_allclose(sol.state.gram, dr @ dr.T, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(dr).max() ** 2))

@@ -21,6 +21,7 @@ from ._common import (
 class _AndersonState(eqx.Module):
     dy: Float[Array, "m n"]  # ring buffer of differences y_{i+1} - y_i
     dr: Float[Array, "m n"]  # ring buffer of differences g(y_{i+1}) - g(y_i)
+    gram: Float[Array, "m m"]  # dr @ dr.T, one row and column updated per step
     count: Int[Array, ""]  # valid columns since the last restart (capped at m)
     index: Int[Array, ""]  # next ring slot to write
     y_prev: Float[Array, " n"]
@@ -32,29 +33,32 @@ class _AndersonState(eqx.Module):
 
 
 def anderson_coefficients(
-    dr: Float[Array, "m n"], valid: Bool[Array, " m"], r: Float[Array, " n"], reg: Scalar
+    gram: Float[Array, "m m"],
+    dr_r: Float[Array, " m"],
+    valid: Bool[Array, " m"],
+    reg: Scalar,
 ) -> Float[Array, " m"]:
     r"""Solve the Tikhonov-regularised least-squares problem of Anderson mixing,
 
     $$\gamma = \arg\min_\gamma \|r - \Delta R^\top \gamma\|_2^2 + \lambda \|D\gamma\|_2^2,$$
 
-    by its normal equations with the columns of $\Delta R^\top$ scaled to unit norm
+    by its normal equations, given the Gram matrix ``gram`` $= \Delta R \Delta R^\top$
+    and ``dr_r`` $= \Delta R\, r$, with the columns of $\Delta R^\top$ scaled to unit norm
     ($D$ = diagonal of column norms), so that $\lambda$ is relative and the $m \times m$
     system is well conditioned in the working dtype. Invalid (empty) columns get
     $\gamma_i = 0$; an all-empty or rank-deficient history never gives NaN.
     """
-    dtype = dr.dtype
-    gram = dr @ dr.T
+    dtype = gram.dtype
     both = valid[:, None] & valid[None, :]
     diag = jnp.diagonal(gram)
     good = valid & (diag > jnp.finfo(dtype).tiny)
     scale = jnp.where(good, jnp.sqrt(jnp.where(good, diag, 1)), 1)
     both = both & good[:, None] & good[None, :]
     gram = jnp.where(both, gram / (scale[:, None] * scale[None, :]), 0)
-    m = dr.shape[0]
+    m = gram.shape[0]
     eye = jnp.eye(m, dtype=dtype)
     system = gram + jnp.where(good, reg, 1)[:, None] * eye
-    rhs = jnp.where(good, (dr @ r) / scale, 0)
+    rhs = jnp.where(good, dr_r / scale, 0)
     gamma = jnp.linalg.solve(system, rhs) / scale
     gamma = jnp.where(good & jnp.isfinite(gamma), gamma, 0)
     return gamma
@@ -101,7 +105,8 @@ class Anderson(FixedPointRootFinder):
     `sol.stats["residual_trace"]`.
 
     Memory: $2 m n + O(n)$ numbers in the dtype of `y`; cost per step beyond the
-    evaluation of $g$: $O(m^2 n + m^3)$.
+    evaluation of $g$: $O(m n + m^3)$ (the Gram matrix of the history is updated by one
+    row and column per step, not recomputed).
     """
 
     rtol: float = 1e-4
@@ -138,6 +143,7 @@ class Anderson(FixedPointRootFinder):
         return _AndersonState(
             dy=zeros,
             dr=zeros,
+            gram=jnp.zeros((self.m, self.m), y_flat.dtype),
             count=jnp.array(0),
             index=jnp.array(0),
             y_prev=jnp.zeros_like(y_flat),
@@ -163,12 +169,17 @@ class Anderson(FixedPointRootFinder):
             & ~progress.converged
         )
 
-        # Accepted point: push the new differences into the ring buffer.
-        # (Write one row in place; a no-op rewrite of the old row when not pushing.)
+        # Accepted point: push the new differences into the ring buffer. When not
+        # pushing (first step or restart) the history is empty afterwards, so the row
+        # is simply zeroed: no old row is read, and XLA writes the buffers in place.
         push = state.has_prev & ~reject
         i = state.index
-        dy = state.dy.at[i].set(jnp.where(push, y_k - state.y_prev, state.dy[i]))
-        dr = state.dr.at[i].set(jnp.where(push, r_k - state.r_prev, state.dr[i]))
+        dy = state.dy.at[i].set(jnp.where(push, y_k - state.y_prev, 0))
+        dr = state.dr.at[i].set(jnp.where(push, r_k - state.r_prev, 0))
+        # Only row/column i of the Gram matrix changes: one matrix-vector product
+        # (m n) per step instead of a matrix product (m^2 n).
+        gram_i = dr @ dr[i]
+        gram = state.gram.at[i].set(gram_i).at[:, i].set(gram_i)
         count = jnp.where(reject, 0, jnp.where(push, jnp.minimum(state.count + 1, self.m), state.count))
         index = jnp.where(reject, 0, jnp.where(push, (state.index + 1) % self.m, state.index))
 
@@ -180,13 +191,14 @@ class Anderson(FixedPointRootFinder):
         y_base = jnp.where(reject, progress.y_best, y_k)
         r_base = jnp.where(reject, progress.r_best, r_k)
         valid = jnp.arange(self.m) < count
-        gamma = anderson_coefficients(dr, valid, r_base, reg)
+        gamma = anderson_coefficients(gram, dr @ r_base, valid, reg)
         step = beta * shrink
         y_next = y_base + step * r_base - (dy + beta * dr).T @ gamma
 
         new_state = _AndersonState(
             dy=dy,
             dr=dr,
+            gram=gram,
             count=count,
             index=index,
             y_prev=y_base,
