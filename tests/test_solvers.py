@@ -537,7 +537,7 @@ def test_broyden_iterates_match_dense_broyden(memory, beta, enable_x64):
     wn, xn = np.asarray(w), np.asarray(x)
     expected = _dense_good_broyden(lambda y: np.tanh(wn @ y + xn) - y, np.zeros(N), beta, memory, 9)
     solver = fp.Broyden(rtol=0.0, atol=0.0, memory=memory, beta=beta)
-    for k in (1, 2, 4, 5, 9):
+    for k in (1, 5, 9):
         sol = fixed(solver, jnp.zeros(N), (w, x, flag), max_steps=k)
         assert int(sol.stats["num_steps"]) == k
         # After k evaluations the solver returns the point of its k-th step.
