@@ -36,9 +36,12 @@ How each is stopped and counted:
   compiled run, so it is not counted.
 - SciPy: ``f_tol = tol_abs`` with ``tol_norm`` = the worst per-state 2-norm: the
   common criterion. The NumPy function is wrapped with a counter (a hard cap at the
-  budget) that also records the residual in the trace run. For a batch SciPy solves
-  the whole batch as one system (it has no batch mode). newton_krylov's evaluations
-  include those of its finite-difference Jacobian-vector products.
+  budget) that also records the residual in the trace run. SciPy has no batch mode:
+  by default it solves a batch as one system (one history shared by all states);
+  ``scipy.anderson(M=5,per_state)`` solves state after state, each with the budget,
+  like the vmapped JAX solvers (the slowest state's evaluations are counted).
+  newton_krylov's evaluations include those of its finite-difference
+  Jacobian-vector products.
 - torchdeq: ``stop_mode="abs", tol = tol_abs`` (per-state 2-norm of ``f(x) - x`` at
   the point just evaluated: the common criterion), ``max_iter = budget``; the torch
   function is wrapped like SciPy's. Its anderson and fixed_point_iter return the
