@@ -32,7 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
+from pathlib import Path
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -245,8 +248,6 @@ _INPUT_VARIABLES = ("FIXEDPOINT_MNIST_CHECKPOINT", "FIXEDPOINT_MNIST_DIR")
 def _cached(build: Callable[[], Problem]) -> Callable[[], Problem]:
     """`build`, run once per setting of `_INPUT_VARIABLES`: its problem, or its
     `Unavailable`, is remembered."""
-    import os
-
     @functools.cache
     def outcome(inputs):
         try:
@@ -569,7 +570,7 @@ def broyden_tridiagonal(n: int) -> Problem:
 #: directory (relative to the repository root), where the README's main command writes it.
 ENV_MNIST_CHECKPOINT = "FIXEDPOINT_MNIST_CHECKPOINT"
 DEFAULT_MNIST_CHECKPOINT = "runs/mnist/ckpt"
-_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+_ROOT = Path(__file__).resolve().parent.parent
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 
@@ -601,8 +602,6 @@ def _mnist_cell_fn(z, p, xp):
 
 
 def _mnist_data_dir():
-    import os
-
     if os.environ.get("FIXEDPOINT_MNIST_DIR"):
         return os.environ["FIXEDPOINT_MNIST_DIR"]
     shared = _ROOT.parent / "shared" / "data" / "mnist"
@@ -610,12 +609,10 @@ def _mnist_data_dir():
 
 
 def _mnist_checkpoint(checkpoint):
-    import os
-
     if checkpoint is not None:
-        return __import__("pathlib").Path(checkpoint)
+        return Path(checkpoint)
     path = os.environ.get(ENV_MNIST_CHECKPOINT) or DEFAULT_MNIST_CHECKPOINT
-    path = __import__("pathlib").Path(path)
+    path = Path(path)
     return path if path.is_absolute() else _ROOT / path
 
 
@@ -681,7 +678,7 @@ def mnist_deq_cell(
                 f"{e}; or set ${ENV_MNIST_CHECKPOINT} to a checkpoint directory"
             ) from None
         accuracy = ""
-        history = __import__("json").loads((path / mnist_train.CHECKPOINT_JSON).read_text())["history"]
+        history = json.loads((path / mnist_train.CHECKPOINT_JSON).read_text())["history"]
         if history:
             accuracy = f", test accuracy {100 * history[-1]['test_acc']:.2f}%"
         where = f"checkpoint {path} (epoch {epoch}{accuracy})"
