@@ -26,6 +26,10 @@ Problems are registered in grids: ``"smoke"`` (tiny sizes, run once by the defau
 test run), ``"default"`` (the report's default and the timed `pytest --benchmark-only`
 run) and ``"full"`` (the report's ``--full`` grid, `@pytest.mark.slow` in the tests).
 Register more with `register`.
+
+A problem whose inputs are not on the machine (the MNIST digits, a trained MNIST
+checkpoint: see `mnist_deq_cell`) raises `Unavailable` when built; the report lists it
+as not run and the tests skip it, saying why.
 """
 
 from __future__ import annotations
