@@ -162,6 +162,7 @@ class Recorder:
         self.record = record
         self.count = 0
         self.rows: list[np.ndarray] = []
+        self.lanes: list[np.ndarray] | None = None  # per-state traces of a state-by-state solve
         self.last: Any = None
 
     def check(self):

@@ -589,7 +589,7 @@ class _PyPrepared(Prepared):
     def trace(self) -> Trace:
         recorder = Recorder(self.problem, self.budget, True)
         self.adapter.solve(self.problem, self.tol_abs, self.budget, recorder)
-        if getattr(recorder, "lanes", None) is not None:  # solved state by state
+        if recorder.lanes is not None:  # solved state by state
             return Trace(rows=stack_lanes(recorder.lanes), evals_used=recorder.count)
         return recorder.trace()
 

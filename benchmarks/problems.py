@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from fixedpoint_deq.mnist.data import ENV_MNIST_DIR
+
 
 GRIDS = ("smoke", "default", "full")
 SMOKE = ("smoke",)
@@ -245,8 +247,14 @@ def register(factory: Callable[..., Problem], /, *, grids: Iterable[str], **kwar
     _REGISTRY.append(Spec(name, grids, _cached(functools.partial(factory, **kwargs))))
 
 
-#: Environment variables that say where a problem's inputs are (see `mnist_deq_cell`).
-_INPUT_VARIABLES = ("FIXEDPOINT_MNIST_CHECKPOINT", "FIXEDPOINT_MNIST_DIR")
+#: Where the trained MNIST DEQ is looked for: ``$FIXEDPOINT_MNIST_CHECKPOINT``, else
+#: `DEFAULT_MNIST_CHECKPOINT` (relative to the repository root), where the README's main
+#: command writes it. The digits: ``$FIXEDPOINT_MNIST_DIR`` (see `mnist_deq_cell`).
+ENV_MNIST_CHECKPOINT = "FIXEDPOINT_MNIST_CHECKPOINT"
+DEFAULT_MNIST_CHECKPOINT = "runs/mnist/ckpt"
+
+#: Environment variables that say where a problem's inputs are.
+_INPUT_VARIABLES = (ENV_MNIST_CHECKPOINT, ENV_MNIST_DIR)
 
 
 def _cached(build: Callable[[], Problem]) -> Callable[[], Problem]:
@@ -306,11 +314,11 @@ def _spectral_norm(a: np.ndarray, rng: np.random.Generator) -> float:
     return float(svds(a, k=1, v0=v0, return_singular_vectors=False, tol=0)[0])
 
 
-def _cat(xp, arrays):
-    """Concatenate along the last axis, in any of the three namespaces."""
+def _cat(xp, arrays, axis=-1):
+    """Concatenate along `axis`, in any of the three namespaces."""
     if xp.__name__ == "torch":
-        return xp.cat(arrays, dim=-1)
-    return xp.concatenate(arrays, axis=-1)
+        return xp.cat(arrays, dim=axis)
+    return xp.concatenate(arrays, axis=axis)
 
 
 # ----------------------------------------------------------------------------------
@@ -570,19 +578,9 @@ def broyden_tridiagonal(n: int) -> Problem:
 # The MNIST DEQ cell of fixedpoint_deq.
 
 
-#: Where the trained MNIST DEQ is looked for: ``$FIXEDPOINT_MNIST_CHECKPOINT``, else this
-#: directory (relative to the repository root), where the README's main command writes it.
-ENV_MNIST_CHECKPOINT = "FIXEDPOINT_MNIST_CHECKPOINT"
-DEFAULT_MNIST_CHECKPOINT = "runs/mnist/ckpt"
 _ROOT = Path(__file__).resolve().parent.parent
 
 _GELU_C = math.sqrt(2.0 / math.pi)
-
-
-def _shift_cat(xp, arrays, axis):
-    if xp.__name__ == "torch":
-        return xp.cat(arrays, dim=axis)
-    return xp.concatenate(arrays, axis=axis)
 
 
 def _mnist_cell_fn(z, p, xp):
@@ -592,10 +590,10 @@ def _mnist_cell_fn(z, p, xp):
     lead = tuple(z.shape[:-1])
     u = z.reshape(lead + (28, 28, c))
     zero_row = u[..., :1, :, :] * 0
-    u = _shift_cat(xp, [zero_row, u, zero_row], -3)
+    u = _cat(xp, [zero_row, u, zero_row], -3)
     zero_col = u[..., :, :1, :] * 0
-    u = _shift_cat(xp, [zero_col, u, zero_col], -2)  # zero padding: (..., 30, 30, C)
-    patches = _shift_cat(xp, [u[..., i : i + 28, j : j + 28, :] for i in range(3) for j in range(3)], -1)
+    u = _cat(xp, [zero_col, u, zero_col], -2)  # zero padding: (..., 30, 30, C)
+    patches = _cat(xp, [u[..., i : i + 28, j : j + 28, :] for i in range(3) for j in range(3)], -1)
     y = patches.reshape(lead + (784, 9 * c)) @ p["K"] + p["bias"]
     y = 0.5 * y * (1.0 + xp.tanh(_GELU_C * (y + 0.044715 * y**3)))  # GELU (tanh form)
     mean = (y.sum(-2) @ p["G"]) / 784  # GroupNorm: per group over space and channels
@@ -606,8 +604,8 @@ def _mnist_cell_fn(z, p, xp):
 
 
 def _mnist_data_dir():
-    if os.environ.get("FIXEDPOINT_MNIST_DIR"):
-        return os.environ["FIXEDPOINT_MNIST_DIR"]
+    if os.environ.get(ENV_MNIST_DIR):
+        return os.environ[ENV_MNIST_DIR]
     shared = _ROOT.parent / "shared" / "data" / "mnist"
     return str(shared) if shared.is_dir() else None
 
@@ -662,6 +660,7 @@ def mnist_deq_cell(
     """
     if weights not in ("random", "trained"):
         raise ValueError(f"weights must be 'random' or 'trained', got {weights!r}")
+    import equinox as eqx
     import jax
     import jax.numpy as jnp
 
@@ -693,7 +692,7 @@ def mnist_deq_cell(
     images = mnist_train.prepare_images(data.test_images[:batch])
     with jax.enable_x64(True):
         model64 = jax.tree_util.tree_map(
-            lambda a: jnp.asarray(a, jnp.float64) if _is_float(a) else a, model
+            lambda a: jnp.asarray(a, jnp.float64) if eqx.is_inexact_array(a) else a, model
         )
         x_inj = jax.vmap(
             lambda im: jnp.moveaxis(model64.project_norm(jax.nn.gelu(model64.project(im))), 0, -1)
@@ -728,10 +727,6 @@ def mnist_deq_cell(
         source="fixedpoint_deq.mnist (conv DEQ cell, Bai et al. 2019); MNIST test digits",
         solution="no closed form; reference by Newton-Krylov from z0 = 0",
     )
-
-
-def _is_float(a) -> bool:
-    return hasattr(a, "dtype") and np.issubdtype(np.dtype(a.dtype), np.floating)
 
 
 # ----------------------------------------------------------------------------------

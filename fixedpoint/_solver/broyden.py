@@ -59,11 +59,11 @@ class Broyden(FixedPointRootFinder):
     with a vanishing (or non-finite) denominator is skipped. When `memory` pairs are in
     use the approximation restarts: the next update is made from $-\beta I$ (so memory
     is $2\,\mathrm{memory}\cdot n$).
+    The first step, $y_1 = y_0 + \beta g(y_0)$, is a damped Picard step.
 
     Cost per step beyond the evaluation of $g$: two applications of the factors
     ($H_k g(y_k)$ and $H_k^\top s$, i.e. $4\,\mathrm{memory}\cdot n$ multiply-adds),
     with the factors updated in place.
-    The first step, $y_1 = y_0 + \beta g(y_0)$, is a damped Picard step.
 
     It is a true quasi-Newton root finder: it also solves problems whose fixed-point
     map does not contract (where [`fixedpoint.Neumann`][] and

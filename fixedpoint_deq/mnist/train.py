@@ -410,8 +410,7 @@ def save_checkpoint(directory: str | os.PathLike, epoch: int, model, opt_state, 
 
 def _read_as_like(f, x):
     """Deserialise one leaf in the dtype of `x`: a checkpoint written with 64-bit types
-    enabled (or not) loads in a process running the other way. (The adjoints' statistics
-    probe, for one, is float32 or float64 after the mode at import.)"""
+    enabled (or not) loads in a process running the other way."""
     if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating):
         return jnp.asarray(np.load(f), dtype=x.dtype)
     return eqx.default_deserialise_filter_spec(f, x)
