@@ -297,7 +297,7 @@ def test_help_lists_every_option():
         "--data-dir", "--epochs", "--batch-size", "--lr", "--solver", "--anderson-m",
         "--beta", "--broyden-memory", "--max-steps", "--fwd-tol", "--backward",
         "--backward-solver", "--backward-max-steps", "--backward-tol", "--phantom-steps",
-        "--phantom-damping", "--jac-reg", "--width", "--seed", "--checkpoint-dir",
+        "--phantom-beta", "--jac-reg", "--width", "--seed", "--checkpoint-dir",
         "--resume", "--train-subset", "--test-subset", "--quick", "--out-dir",
         "--distributed", "../shared/data/mnist",
     ):

@@ -33,7 +33,7 @@ examples:
   fixedpoint-mnist --data-dir ../shared/data/mnist --quick --out-dir runs/quick
   fixedpoint-mnist --data-dir ../shared/data/mnist --checkpoint-dir runs/ckpt --out-dir runs/full
   fixedpoint-mnist --data-dir ../shared/data/mnist --checkpoint-dir runs/ckpt --resume
-  fixedpoint-mnist --backward phantom --phantom-steps 5 --phantom-damping 0.5
+  fixedpoint-mnist --backward phantom --phantom-steps 5 --phantom-beta 0.5
   XLA_FLAGS=--xla_force_host_platform_device_count=4 fixedpoint-mnist ...  # 4 CPU "devices"
 
 outputs:
@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"relative tolerance of the backward solve (default {d.backward_tol})")
     g.add_argument("--phantom-steps", type=int,
                    help=f"unrolled steps of --backward phantom (default {d.phantom_steps})")
-    g.add_argument("--phantom-damping", type=float,
-                   help=f"damping in (0, 1] of --backward phantom (default {d.phantom_damping})")
+    g.add_argument("--phantom-beta", type=float,
+                   help=f"damping in (0, 1] of --backward phantom (default {d.phantom_beta})")
     g.add_argument("--jac-reg", type=float,
                    help="weight of the Jacobian regularisation ||J_f||_F^2 / d in the loss "
                         f"(0 turns it off; default {d.jac_reg})")

@@ -54,7 +54,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import fixedpoint as fp
 
-from .._layer import backward_stats, without_backward_stats
+from fixedpoint import backward_stats, without_backward_stats
 from .model import DEQClassifier, HEADS, MNIST_MEAN, MNIST_STD
 
 FORWARD_SOLVERS = ("anderson", "broyden", "neumann")
@@ -98,7 +98,7 @@ class Config:
     backward_max_steps: int = 20
     backward_tol: float = 1e-2
     phantom_steps: int = 5
-    phantom_damping: float = 0.5
+    phantom_beta: float = 0.5
     # Regularisation and data.
     jac_reg: float = 0.5
     augment_shift: int = 0
@@ -139,8 +139,8 @@ class Config:
             )
         if self.head not in HEADS:
             raise ValueError(f"`head` must be one of {HEADS}, got {self.head!r}.")
-        if not 0 < self.beta <= 1 or not 0 < self.phantom_damping <= 1:
-            raise ValueError("`beta` and `phantom_damping` must lie in (0, 1].")
+        if not 0 < self.beta <= 1 or not 0 < self.phantom_beta <= 1:
+            raise ValueError("`beta` and `phantom_beta` must lie in (0, 1].")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("`resume` needs a `checkpoint_dir`.")
 
@@ -166,7 +166,7 @@ def make_adjoint(config: Config) -> optx.AbstractAdjoint:
     if config.backward == "jfb":
         return fp.JacobianFreeAdjoint()
     if config.backward == "phantom":
-        return fp.PhantomAdjoint(steps=config.phantom_steps, damping=config.phantom_damping)
+        return fp.PhantomAdjoint(steps=config.phantom_steps, beta=config.phantom_beta)
     kwargs = dict(
         rtol=config.backward_tol, atol=1e-9, max_steps=config.backward_max_steps,
         norm=optx.rms_norm,
