@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -34,7 +35,7 @@ needs_data = pytest.mark.skipif(
 )
 
 # A small, fast setting shared by the training tests (so they share one compilation).
-SMALL = dict(
+SMALL: dict[str, Any] = dict(
     width=8, batch_size=32, eval_batch_size=128, max_steps=8, epochs=2, lr=3e-3,
     warmup_steps=4, train_subset=256, test_subset=128, seed=3,
 )
@@ -119,7 +120,7 @@ def test_layer_gradients_match_finite_differences():
             e = jnp.zeros_like(flat).at[i].set(eps)
             fd = (loss(unravel(flat + e)) - loss(unravel(flat - e))) / (2 * eps)
             np.testing.assert_allclose(flat_grad[i], fd, rtol=1e-5, atol=1e-7)
-    assert not jax.config.jax_enable_x64
+    assert not jax.config.jax_enable_x64  # pyright: ignore[reportAttributeAccessIssue]
 
 
 # --------------------------------------------------------------------------- training
@@ -188,7 +189,7 @@ def test_non_finite_batch_skips_the_update(digits, tmp_path):
     config = tr.Config(**SMALL)
     model = tr.make_model(config)
     # The step the runs of this file use (already compiled).
-    step, _, optimizer = tr._compiled_steps(config, 16)
+    step, _, optimizer = tr.compiled_steps(config, 16)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     x = np.array(train_x[:32])
     x[5] = np.nan
@@ -197,7 +198,7 @@ def test_non_finite_batch_skips_the_update(digits, tmp_path):
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     model, opt_state = tr.replicate(model, mesh), tr.replicate(opt_state, mesh)
     new_model, new_state, metrics = step(
-        model, opt_state, tr._put(x, sharding), tr._put(train_y[:32], sharding),
+        model, opt_state, tr.put(x, sharding), tr.put(train_y[:32], sharding),
         jax.random.key(0),
     )
     assert not bool(metrics["finite"])
@@ -246,7 +247,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
         model = tr.replicate(tr.make_model(config), mesh)
         opt_state = tr.replicate(optimizer.init(eqx.filter(model, eqx.is_inexact_array)), mesh)
         sh = NamedSharding(mesh, P("batch"))
-        xs, ys = tr._put(x, sh), tr._put(y, sh)
+        xs, ys = tr.put(x, sh), tr.put(y, sh)
         assert len(xs.sharding.device_set) == len(devices)
         model, opt_state, m = step(model, opt_state, xs, ys, jax.random.key(0))
         leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
