@@ -93,7 +93,13 @@ class _AbstractStatsAdjoint(optx.AbstractAdjoint):
     """Runs the solve forward with a plain `lax.while_loop` and applies
     `self._backward` as the reverse-mode rule."""
 
-    stats: eqx.AbstractVar[BackwardStats]
+    # An abstract property rather than an `eqx.AbstractVar`: type checkers order an
+    # AbstractVar before the subclass's own fields, which would make `stats` the first
+    # positional argument of `ImplicitAdjoint(linear_solver)` in their eyes.
+    @property
+    @abc.abstractmethod
+    def stats(self) -> BackwardStats:
+        """The statistics probe (a field of every concrete adjoint)."""
 
     @abc.abstractmethod
     def _backward(

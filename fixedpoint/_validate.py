@@ -20,12 +20,12 @@ import math
 from collections.abc import Collection
 from typing import Any
 
-import jax
 import numpy as np
+from jax.core import Tracer
 
 
 def _is_traced(value: Any) -> bool:
-    return isinstance(value, jax.core.Tracer)
+    return isinstance(value, Tracer)
 
 
 def _describe(value: Any) -> str:
@@ -77,12 +77,10 @@ def check_real(
         return
     kind = _dtype_kind(value)
     if kind not in ("i", "u", "f"):
-        raise ValueError(
-            f"`{name}` must be a real number {allowed}, got {_describe(value)}."
-        )
+        raise ValueError(f"`{name}` must be a real number {allowed}, got {_describe(value)}.")
     if _is_traced(value):
         return
-    v = float(value)
+    v = float(value)  # pyright: ignore[reportArgumentType]  (a real scalar, checked above)
     ok = not math.isnan(v)
     ok = ok and (v > low if low_open else v >= low)
     ok = ok and (v < high if high_open else v <= high)
@@ -110,7 +108,7 @@ def check_int(
         )
     if _dtype_kind(value) not in ("i", "u"):
         raise ValueError(f"`{name}` must be an integer {allowed}, got {_describe(value)}.")
-    v = int(value)
+    v = int(value)  # pyright: ignore[reportArgumentType]  (an integer scalar, checked above)
     if v < low or (high is not None and v > high):
         raise ValueError(f"`{name}` must be an integer {allowed}, got {value!r}.")
 

@@ -146,6 +146,7 @@ class DEQ(eqx.Module):
         norm = getattr(self.solver, "norm", optx.max_norm)
         scale = jnp.asarray(norm(jax.lax.stop_gradient(z_star)), dtype)
         if jac_reg:
+            assert reg_key is not None  # checked on entry
             reg = fp.jacobian_regularisation(
                 _cell_fn, z_star, args, key=reg_key, samples=self.jac_reg_samples
             )

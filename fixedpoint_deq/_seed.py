@@ -1,13 +1,12 @@
 """The seed project's `FixedPointSolver`, kept call-compatible, built on `DEQ`."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import optimistix as optx
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 import fixedpoint as fp
@@ -60,7 +59,7 @@ class FixedPointSolver(eqx.Module):
 
     fwd_solver: str = eqx.field(static=True, default="anderson")
     fwd_iterations: int = eqx.field(static=True, default=50, converter=as_int)
-    fwd_init: str = eqx.field(static=True, default="zero")
+    fwd_init: Literal["zero", "random"] = eqx.field(static=True, default="zero")
     bwd_solver: str = eqx.field(static=True, default="neumann")
     bwd_iterations: int = eqx.field(static=True, default=3, converter=as_int)
     anderson_m: int = eqx.field(static=True, default=3, converter=as_int)

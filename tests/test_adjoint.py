@@ -2,6 +2,8 @@
 closed form, finite differences and unrolled differentiation; backward statistics;
 approximate gradients."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ import pytest
 import fixedpoint as fp
 
 
-TOL = dict(rtol=1e-11, atol=1e-12)
+TOL: dict[str, Any] = dict(rtol=1e-11, atol=1e-12)
 FORWARD = {
     "anderson": fp.Anderson(**TOL),
     "broyden": fp.Broyden(**TOL),

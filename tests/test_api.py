@@ -62,11 +62,12 @@ def test_traced_hyperparameters_of_linear_solvers_and_adjoints_are_accepted():
 
 
 def test_numpy_scalars_and_zero_d_arrays_are_accepted():
-    solver = fp.Anderson(m=np.int64(5), rtol=np.float32(1e-3), atol=np.array(1e-6))
+    # (The annotations say `int` / `float`; NumPy scalars are accepted all the same.)
+    solver = fp.Anderson(m=np.int64(5), rtol=np.float32(1e-3), atol=np.array(1e-6))  # pyright: ignore[reportArgumentType]
     assert type(solver.m) is int and solver.m == 5
     assert type(fp.Broyden(memory=np.int32(7)).memory) is int
     assert type(fp.Neumann(trace_length=np.array(4)).trace_length) is int
-    assert type(fp.linear.Anderson(max_steps=np.int64(9)).max_steps) is int
+    assert type(fp.linear.Anderson(max_steps=np.int64(9)).max_steps) is int  # pyright: ignore[reportArgumentType]
     assert type(fp.PhantomAdjoint(steps=np.int16(2)).steps) is int
     assert fp.Broyden(line_search=np.bool_(True)).line_search is True
     assert type(DEQ(lambda z, x: z, max_steps=np.int64(4)).max_steps) is int
@@ -131,17 +132,24 @@ def test_deq_and_seed_use_the_same_rules():
 
 
 @pytest.mark.parametrize(
-    "name, cls", [("anderson", fp.Anderson), ("broyden", fp.Broyden), ("neumann", fp.Neumann),
-                  ("picard", fp.Neumann)]
+    "name, cls",
+    [
+        ("anderson", fp.Anderson),
+        ("broyden", fp.Broyden),
+        ("neumann", fp.Neumann),
+        ("picard", fp.Neumann),
+    ],
 )
 def test_solver_from_name(name, cls):
     solver = fp.solver_from_name(name, rtol=1e-3, beta=0.5)
-    assert type(solver) is cls and solver.rtol == 1e-3 and solver.beta == 0.5
     assert isinstance(solver, fp.AbstractFixedPointRootFinder)
     assert isinstance(solver, optx.AbstractRootFinder)
+    assert isinstance(solver, ROOT_FINDERS) and type(solver) is cls
+    assert solver.rtol == 1e-3 and solver.beta == 0.5
     linear = fp.linear.solver_from_name(name, rtol=1e-3, max_steps=7, beta=0.5)
-    assert type(linear.root_finder) is cls
-    assert linear.max_steps == 7 and linear.root_finder.beta == 0.5
+    root = linear.root_finder
+    assert isinstance(root, ROOT_FINDERS) and type(root) is cls
+    assert linear.max_steps == 7 and root.beta == 0.5
     assert isinstance(linear, lx.AbstractLinearSolver)
 
 
@@ -193,7 +201,7 @@ def test_abstract_base_declares_the_required_fields():
             raise NotImplementedError
 
     with pytest.raises(TypeError):
-        Incomplete()  # atol, norm, divergence_factor, trace_length are abstract
+        Incomplete()  # pyright: ignore[reportCallIssue]  (atol, norm, ... are abstract)
 
 
 # --------------------------------------------------------------------------- the seed API
@@ -210,6 +218,7 @@ def test_seed_solver_builds_every_pair_through_the_factories(fwd, bwd):
     # The seed's semantics: "neumann" sums n + 1 terms, the others run n steps.
     assert backward.max_steps == (5 if bwd == "neumann" else 4)
     if fwd == "anderson":
+        assert isinstance(forward, fp.Anderson)
         assert forward.m == 2 and forward.beta == 0.5
 
 
@@ -253,9 +262,21 @@ def test_wheel_ships_only_the_two_packages(tmp_path):
         shutil.copytree(ROOT / name, src / name, ignore=junk)
     dist = tmp_path / "dist"
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "--no-index", "-w", str(dist), str(src)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(dist),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     (wheel,) = dist.glob("fixedpoint-*.whl")
