@@ -337,3 +337,35 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert not np.array_equal(a, tr.epoch_order(0, 4, 100))
     assert not np.array_equal(a, tr.epoch_order(1, 3, 100))
     assert sorted(a.tolist()) == list(range(100))
+
+
+def test_cli_options_are_the_config_fields():
+    """The parser is derived from `Config`: one option per field, with its help text."""
+    import dataclasses
+
+    from fixedpoint_deq.mnist.__main__ import build_parser
+
+    parser = build_parser()
+    options = {a.dest for a in parser._actions if a.option_strings} - {"help"}
+    fields = {f.name for f in dataclasses.fields(tr.Config)}
+    assert options == fields | {"quick", "no_progress"}
+    for f in dataclasses.fields(tr.Config):
+        assert f.metadata["help"], f.name
+
+
+def test_config_refuses_bad_values_naming_them():
+    for kwargs, name in [
+        (dict(lr="1e-3"), "lr"),
+        (dict(epochs=True), "epochs"),
+        (dict(phantom_beta=0.0), "phantom_beta"),
+        (dict(train_subset=0), "train_subset"),
+        (dict(solver="newton"), "solver"),
+    ]:
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            tr.Config(**kwargs).check()
+    tr.Config(train_subset=None, lr=np.float32(1e-3)).check()  # pyright: ignore[reportArgumentType]
+
+
+def test_config_from_a_checkpoint_of_an_earlier_version():
+    config = tr.Config.from_dict({"phantom_damping": 0.25, "width": 4, "unknown": 1})
+    assert config.phantom_beta == 0.25 and config.width == 4
