@@ -19,6 +19,46 @@ def _cell_fn(z, args):
 
 _INITS = ("zero", "random")
 
+# What a name given as `DEQ(solver=...)` / `DEQ(adjoint=...)` builds: the forward solver of
+# that name with the layer's default tolerances and norm (see `DEQ`), and the adjoints.
+SOLVER_NAMES = ("anderson", "broyden", "neumann", "picard")
+ADJOINT_NAMES = ("implicit", "phantom", "jfb")
+_SOLVER_KINDS = (
+    optx.AbstractRootFinder,
+    optx.AbstractFixedPointSolver,
+    optx.AbstractLeastSquaresSolver,
+    optx.AbstractMinimiser,
+)
+
+
+def _default_adjoint() -> fp.ImplicitAdjoint:
+    return fp.ImplicitAdjoint(
+        fp.linear.Anderson(m=5, rtol=1e-3, atol=1e-9, norm=optx.rms_norm, max_steps=30),
+        throw=False,
+    )
+
+
+def _as_solver(solver: optx.AbstractRootFinder | str) -> optx.AbstractRootFinder:
+    """Field converter: a name becomes the root finder of that name (DEQ defaults)."""
+    if isinstance(solver, str):
+        check_choice("solver", solver, SOLVER_NAMES)
+        return fp.solver_from_name(solver, rtol=1e-3, atol=1e-5, norm=optx.rms_norm)
+    return solver
+
+
+def _as_adjoint(adjoint: optx.AbstractAdjoint | str) -> optx.AbstractAdjoint:
+    """Field converter: a name becomes the adjoint of that name."""
+    if isinstance(adjoint, str):
+        check_choice("adjoint", adjoint, ADJOINT_NAMES)
+        if adjoint == "implicit":
+            return _default_adjoint()
+        return fp.PhantomAdjoint() if adjoint == "phantom" else fp.JacobianFreeAdjoint()
+    return adjoint
+
+
+def _describe(tree: PyTree) -> str:
+    return str(jtu.tree_map(lambda s: f"{s.dtype}{list(s.shape)}", tree))
+
 
 class DEQRecord(eqx.Module):
     """What one call of a [`fixedpoint_deq.DEQ`][] reports (per sample under `vmap`).
@@ -52,6 +92,12 @@ class DEQ(eqx.Module):
     approximations of `fixedpoint`). Gradients flow to every parameter of the cell and
     to the input `x` (the injection).
 
+    `solver` and `adjoint` may also be given by name: `solver="anderson"`,
+    `"broyden"`, `"neumann"` or `"picard"` (built by [`fixedpoint.solver_from_name`][]
+    with the default's tolerances and norm: `rtol=1e-3, atol=1e-5, norm=optx.rms_norm`);
+    `adjoint="implicit"` (the default), `"phantom"` ([`fixedpoint.PhantomAdjoint`][]) or
+    `"jfb"` ([`fixedpoint.JacobianFreeAdjoint`][]). Another value raises `ValueError`.
+
     Call it on one sample and `jax.vmap` it over a batch: each sample then stops on
     its own tolerance and reports its own statistics.
 
@@ -65,13 +111,11 @@ class DEQ(eqx.Module):
     # Defaults for DEQ states: the RMS norm (the max norm over thousands of elements is
     # needlessly strict for a layer); backward: a purely relative rule (atol tiny),
     # since the cotangent's scale depends on the loss (e.g. 1 / batch size).
-    solver: optx.AbstractRootFinder = fp.Anderson(
-        m=5, beta=1.0, rtol=1e-3, atol=1e-5, norm=optx.rms_norm
+    solver: optx.AbstractRootFinder = eqx.field(
+        default=fp.Anderson(m=5, beta=1.0, rtol=1e-3, atol=1e-5, norm=optx.rms_norm),
+        converter=_as_solver,
     )
-    adjoint: optx.AbstractAdjoint = fp.ImplicitAdjoint(
-        fp.linear.Anderson(m=5, rtol=1e-3, atol=1e-9, norm=optx.rms_norm, max_steps=30),
-        throw=False,
-    )
+    adjoint: optx.AbstractAdjoint = eqx.field(default=_default_adjoint(), converter=_as_adjoint)
     max_steps: int = eqx.field(static=True, default=30, converter=as_int)
     init: Literal["zero", "random"] = eqx.field(static=True, default="zero")
     init_scale: float = eqx.field(static=True, default=1.0)
@@ -79,6 +123,18 @@ class DEQ(eqx.Module):
     throw: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self) -> None:
+        if not isinstance(self.solver, _SOLVER_KINDS):
+            raise ValueError(
+                "`solver` must be an optimistix root finder or fixed-point solver (e.g. "
+                f"`fixedpoint.Anderson()`) or one of the names {SOLVER_NAMES}; got "
+                f"{self.solver!r}."
+            )
+        if not isinstance(self.adjoint, optx.AbstractAdjoint):
+            raise ValueError(
+                "`adjoint` must be an `optx.AbstractAdjoint` (e.g. "
+                f"`fixedpoint.ImplicitAdjoint()`) or one of the names {ADJOINT_NAMES}; got "
+                f"{self.adjoint!r}."
+            )
         check_choice("init", self.init, _INITS)
         check_int("max_steps", self.max_steps, low=1)
         check_int("jac_reg_samples", self.jac_reg_samples, low=1)
@@ -88,9 +144,15 @@ class DEQ(eqx.Module):
     def initial_state(
         self, like: PyTree[Array], key: PRNGKeyArray | None = None
     ) -> PyTree[Array]:
-        """The starting point `init` prescribes, with the structure of `like`."""
+        """The starting point `init` prescribes, with the structure, shapes and dtypes of
+        `like` (arrays or `jax.ShapeDtypeStruct`s)."""
         if self.init == "zero":
-            return jtu.tree_map(jnp.zeros_like, like)
+            return jtu.tree_map(
+                lambda leaf: jnp.zeros(leaf.shape, leaf.dtype)
+                if isinstance(leaf, jax.ShapeDtypeStruct)
+                else jnp.zeros_like(leaf),
+                like,
+            )
         if key is None:
             raise ValueError("`init='random'` needs a `key`.")
         leaves, treedef = jtu.tree_flatten(like)
@@ -115,8 +177,10 @@ class DEQ(eqx.Module):
 
         - `x`: the input injected into the cell, `cell(z, x)`.
         - `key`: a PRNG key, needed for `init="random"` and for `jac_reg=True`.
-        - `z0`: a starting point (warm start). Default: from `init`, with the structure
-            of `x` (the usual case of an injection shaped like the state).
+        - `z0`: a starting point (warm start), or `jax.ShapeDtypeStruct`s giving the
+            state's structure, shapes and dtypes (the start is then from `init`).
+            Default: from `init`, with the structure of `x` (the usual case of an
+            injection shaped like the state); a state shaped otherwise needs `z0`.
         - `jac_reg`: also return the Hutchinson estimate of `||J_f(z*)||_F^2 / d`
             (differentiable; add it to the loss to keep the cell contractive).
 
@@ -128,9 +192,13 @@ class DEQ(eqx.Module):
             init_key, reg_key = jax.random.split(key)
         else:
             init_key = reg_key = None
+        default_start = z0 is None
         if z0 is None:
             z0 = self.initial_state(x, init_key)
+        elif any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jtu.tree_leaves(z0)):
+            z0 = self.initial_state(z0, init_key)
         args = (self.cell, x)
+        self._check_state(z0, args, default_start)
         sol = optx.fixed_point(
             _cell_fn,
             self.solver,
@@ -161,3 +229,35 @@ class DEQ(eqx.Module):
             jac_reg=reg,
         )
         return z_star, record
+
+    def _check_state(self, z0: PyTree[Array], args, default_start: bool) -> None:
+        """At trace time: the cell must map a state like `z0` to one like it. Without
+        `z0` the start is shaped like `x`, the usual cause of a mismatch: say so."""
+        z0 = jtu.tree_map(lambda z: jax.ShapeDtypeStruct(jnp.shape(z), jnp.result_type(z)), z0)
+        hint = (
+            "Without `z0` the starting state is shaped like the input `x` "
+            f"({_describe(z0)}); if the state is shaped otherwise, pass `z0` (a starting "
+            "state, or `jax.ShapeDtypeStruct`s of the state, started from `init`)."
+        )
+        try:
+            out = eqx.filter_eval_shape(_cell_fn, z0, args)
+        except Exception as e:
+            if default_start:
+                raise ValueError(f"DEQ: the cell failed on the starting state: {e}\n{hint}") from e
+            raise ValueError(
+                f"DEQ: the cell failed on the starting state `z0` ({_describe(z0)}): {e}"
+            ) from e
+        same = jtu.tree_structure(out) == jtu.tree_structure(z0) and all(
+            (o.shape, o.dtype) == (z.shape, z.dtype)
+            for o, z in zip(jtu.tree_leaves(out), jtu.tree_leaves(z0))
+        )
+        if not same:
+            message = (
+                "DEQ: the cell must return a state with the structure, shapes and dtypes of "
+                f"the state it is given; it maps {_describe(z0)} to {_describe(out)}."
+            )
+            if default_start:
+                message += "\n" + hint
+            else:
+                message += " Check `z0` against what the cell returns."
+            raise ValueError(message)

@@ -131,6 +131,7 @@ class FixedPointSolver(eqx.Module):
             "fwd_converged": record.converged,
         }
         if solver_stats:
+            assert isinstance(deq.adjoint, fp.ImplicitAdjoint)  # built by `_deq`
             bwd = _backward_stats(deq.adjoint, f, a, x_star)
             stats["bwd_steps"] = bwd.num_steps
             stats["bwd_residual"] = bwd.residual_norm
