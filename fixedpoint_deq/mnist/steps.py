@@ -32,12 +32,37 @@ def _tree_all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def guarded_update(optimizer: optax.GradientTransformation, grads, model, opt_state, loss):
+    """One optimiser update that is applied only if it is sound: ``(model, opt_state,
+    finite)``, where `finite` says whether the loss, the gradient, the new parameters
+    and the new optimiser state are all finite; if not, the old model and optimiser
+    state come back unchanged. (Checking the gradient alone is not enough: a finite
+    gradient can still give a non-finite update, e.g. through an overflowing step size
+    or optimiser moment.)"""
+    params = eqx.filter(model, eqx.is_inexact_array)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_model = eqx.apply_updates(model, updates)
+    finite = (
+        jnp.isfinite(loss)
+        & _tree_all_finite(grads)
+        & _tree_all_finite(new_model)
+        & _tree_all_finite(new_opt_state)
+    )
+
+    def select(new, old):
+        return jtu.tree_map(
+            lambda a, b: jnp.where(finite, a, b) if eqx.is_array(a) else a, new, old
+        )
+
+    return select(new_model, model), select(new_opt_state, opt_state), finite
+
+
 def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> Callable:
     """``step(model, opt_state, images, labels, key) -> (model, opt_state, metrics)``,
     jitted. `metrics` holds batch means (``loss`` = cross-entropy, ``acc``,
     ``fwd_steps``, ``fwd_converged``, ``jac_reg``, ``bwd_steps``) and ``finite``
-    (whether the update was applied: a step whose loss or gradient is not finite
-    leaves the model and the optimiser state unchanged)."""
+    (whether the update was applied: a step whose loss, gradient or update is not
+    finite leaves the model and the optimiser state unchanged, see `guarded_update`)."""
     jac_weight = float(config.jac_reg)
     use_reg = jac_weight > 0
     max_shift = int(config.augment_shift)
@@ -69,18 +94,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> 
         stats = backward_stats(grads)
         assert stats is not None  # every adjoint of `make_adjoint` carries statistics
         grads = without_backward_stats(grads)
-        finite = jnp.isfinite(total) & _tree_all_finite(grads)
-        params = eqx.filter(model, eqx.is_inexact_array)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_model = eqx.apply_updates(model, updates)
-
-        def select(new, old):
-            return jtu.tree_map(
-                lambda a, b: jnp.where(finite, a, b) if eqx.is_array(a) else a, new, old
-            )
-
-        model = select(new_model, model)
-        opt_state = select(new_opt_state, opt_state)
+        model, opt_state, finite = guarded_update(optimizer, grads, model, opt_state, total)
         batch = images.shape[0]
         # Backward statistics are summed over the vmapped batch: take the mean.
         bwd_steps = stats.num_steps / batch
