@@ -52,6 +52,7 @@ from equinox.internal import ω
 from jaxtyping import Array, Float, PyTree
 
 from . import linear
+from ._iterate import batch_aware
 from ._solver._common import check_int, check_real
 
 
@@ -124,14 +125,14 @@ class _AbstractStatsAdjoint(optx.AbstractAdjoint):
 @eqx.filter_custom_vjp
 def _solve(stats_and_inputs, *, primal_fn, rewrite_fn, adjoint):
     _, inputs = stats_and_inputs
-    return primal_fn(inputs)
+    return batch_aware(primal_fn, inputs)
 
 
 @_solve.def_fwd
 def _solve_fwd(perturbed, stats_and_inputs, *, primal_fn, rewrite_fn, adjoint):
     del perturbed
     _, inputs = stats_and_inputs
-    root, residual = primal_fn(inputs)
+    root, residual = batch_aware(primal_fn, inputs)
     return (root, residual), root
 
 

@@ -29,9 +29,11 @@ truncated Neumann series $-\sum_{i<k} (A + I)^i b$, which for $A = J^\top - I$ i
 seed project's truncated-series backward pass with $k$ terms.
 """
 
+import functools as ft
 from typing import Any
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
@@ -39,6 +41,7 @@ import optimistix as optx
 from equinox.internal import ω
 from jaxtyping import Array, PyTree
 
+from ._iterate import batch_aware
 from ._solver import (
     Anderson as _AndersonRoot,
     Broyden as _BroydenRoot,
@@ -62,6 +65,17 @@ def _to_lineax_result(result: optx.RESULTS) -> lx.RESULTS:
             lx.RESULTS.breakdown,
         ),
     )
+
+
+class _PrimalAdjoint(optx.AbstractAdjoint):
+    """The adjoint of the solve inside `compute`: none is needed, since lineax
+    differentiates a linear solve by further linear solves and never through
+    `compute`. It runs the solve so that a batch (`vmap`) is solved in one loop
+    (`fixedpoint._iterate.batch_aware`)."""
+
+    def apply(self, primal_fn, rewrite_fn, inputs, tags):
+        del rewrite_fn, tags
+        return batch_aware(primal_fn, inputs + (ft.partial(eqxi.while_loop, kind="lax"),))
 
 
 class _FixedPointLinearSolver(lx.AbstractLinearSolver):
@@ -96,6 +110,7 @@ class _FixedPointLinearSolver(lx.AbstractLinearSolver):
             y0,
             (operator, vector),
             max_steps=self.max_steps,
+            adjoint=_PrimalAdjoint(),
             throw=False,
         )
         stats = {
