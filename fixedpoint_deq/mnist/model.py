@@ -86,8 +86,18 @@ def _hwio(conv: eqx.nn.Conv2d) -> tuple[Array, Array]:
 
 
 def _norm_hwc(norm: eqx.nn.GroupNorm, y: Array) -> Array:
-    """`eqx.nn.GroupNorm` (channels-first) applied to a channels-last ``(H, W, C)``."""
-    return jnp.moveaxis(norm(jnp.moveaxis(y, -1, 0)), 0, -1)
+    """`eqx.nn.GroupNorm` (which takes channels first) computed on a channels-last
+    ``(H, W, C)`` array, with the same parameters and the same arithmetic, without
+    moving the channel axis (two transposes per evaluation of the cell)."""
+    h, w, c = y.shape
+    dtype = jnp.result_type(y.dtype, jnp.float32)
+    yg = y.astype(dtype).reshape(h, w, norm.groups, c // norm.groups)
+    mean = jnp.mean(yg, axis=(0, 1, 3), keepdims=True)
+    variance = jnp.maximum(0.0, jnp.var(yg, axis=(0, 1, 3), keepdims=True))
+    out = ((yg - mean) * jax.lax.rsqrt(variance + norm.eps)).reshape(h, w, c)
+    if norm.channelwise_affine:
+        out = norm.weight.astype(dtype) * out + norm.bias.astype(dtype)
+    return out.astype(y.dtype)
 
 
 def _groups(channels: int, groups: int) -> int:
