@@ -98,11 +98,11 @@ class _AbstractStatsAdjoint(optx.AbstractAdjoint):
 
     @abc.abstractmethod
     def _backward(
-        self, g_root, root: PyTree[Array], cotangent: PyTree[Array]
+        self, vjp_root, root: PyTree[Array], cotangent: PyTree[Array]
     ) -> tuple[PyTree[Array], tuple[Any, Any, Any]]:
-        """The backward rule. `g_root(z) = g(z, theta)` at the current parameters,
-        `root` = z*, `cotangent` = the cotangent of z*. Returns `(w, (num_steps,
-        residual_norm, failed))`, where the parameters' cotangent is
+        """The backward rule. `vjp_root(u)` = `u^T (dg/dz)` at `root` = z* and the
+        current parameters, `cotangent` = the cotangent of z*. Returns `(w,
+        (num_steps, residual_norm, failed))`, where the parameters' cotangent is
         `VJP_theta(g at z*)(w)`.
         """
 
@@ -157,18 +157,21 @@ def _solve_bwd(
     )
     diff, nondiff = eqx.partition(inputs, eqx.is_inexact_array)
 
-    def g_root(z):
-        return rewrite_fn(z, None, inputs)
+    def g(z, _diff):
+        return rewrite_fn(z, None, eqx.combine(_diff, nondiff))
+
+    # One linearisation of g at (z*, theta) serves both the backward solve (the z part;
+    # XLA drops the unused theta part inside the solver's loop) and the final
+    # parameter cotangent: g is evaluated at z* once, not twice.
+    _, vjp_g = jax.vjp(g, root, diff)
+
+    def vjp_root(u):
+        return vjp_g(u)[0]
 
     w, (num_steps, residual_norm, failed) = adjoint._backward(
-        g_root, root, root_cotangent
+        vjp_root, root, root_cotangent
     )
-
-    def g_inputs(_diff):
-        return rewrite_fn(root, None, eqx.combine(_diff, nondiff))
-
-    _, vjp_inputs = jax.vjp(g_inputs, diff)
-    (diff_cotangent,) = vjp_inputs(w)
+    diff_cotangent = vjp_g(w)[1]
     return _stats_like(stats, num_steps, residual_norm, failed), diff_cotangent
 
 
@@ -196,11 +199,8 @@ class ImplicitAdjoint(_AbstractStatsAdjoint):
     throw: bool = True
     stats: BackwardStats = BackwardStats()
 
-    def _backward(self, g_root, root, cotangent):
-        _, vjp_root = jax.vjp(g_root, root)
-        operator = lx.FunctionLinearOperator(
-            lambda u: vjp_root(u)[0], jax.eval_shape(lambda: root)
-        )
+    def _backward(self, vjp_root, root, cotangent):
+        operator = lx.FunctionLinearOperator(vjp_root, jax.eval_shape(lambda: root))
         sol = lx.linear_solve(operator, cotangent, self.linear_solver, throw=False)
         ok = sol.result == lx.RESULTS.successful
         breakdown = (sol.result != lx.RESULTS.successful) & (
@@ -254,23 +254,22 @@ class PhantomAdjoint(_AbstractStatsAdjoint):
         check_int("steps", self.steps, low=1)
         check_real("damping", self.damping, low=0.0, high=1.0, low_open=True)
 
-    def _backward(self, g_root, root, cotangent):
-        return _unrolled(g_root, root, cotangent, self.steps, self.damping)
+    def _backward(self, vjp_root, root, cotangent):
+        return _unrolled(vjp_root, cotangent, self.steps, self.damping)
 
 
-def _unrolled(g_root, root, cotangent, steps: int, damping: float):
+def _unrolled(vjp_root, cotangent, steps: int, damping: float):
     """Reverse mode through z_{i+1} = z_i + damping * g(z_i), z_0 = z*, i < steps.
 
     Since z* is a root the iterates stay at z*, so every step has the same Jacobian:
     the input cotangent is VJP_theta(g at z*) applied to
     w = damping * sum_{i<steps} (I + damping J_g^T)^i zbar.
     """
-    _, vjp_root = jax.vjp(g_root, root)
 
     def body(_, carry):
         c, acc = carry
         acc = (acc**ω + damping * c**ω).ω
-        c = (c**ω + damping * vjp_root(c)[0] ** ω).ω
+        c = (c**ω + damping * vjp_root(c) ** ω).ω
         return c, acc
 
     zeros = jtu.tree_map(jnp.zeros_like, cotangent)
@@ -306,8 +305,8 @@ class JacobianFreeAdjoint(_AbstractStatsAdjoint):
 
     stats: BackwardStats = BackwardStats()
 
-    def _backward(self, g_root, root, cotangent):
-        return _unrolled(g_root, root, cotangent, 1, 1.0)
+    def _backward(self, vjp_root, root, cotangent):
+        return _unrolled(vjp_root, cotangent, 1, 1.0)
 
 
 JacobianFreeAdjoint.__init__.__doc__ = """**Arguments:**
