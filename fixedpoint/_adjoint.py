@@ -38,11 +38,9 @@ with a solver from [`fixedpoint.linear`][] (no backward statistics there).
 """
 
 import abc
-import functools as ft
 from typing import Any
 
 import equinox as eqx
-import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -52,7 +50,7 @@ from equinox.internal import ω
 from jaxtyping import Array, Float, PyTree
 
 from . import linear
-from ._iterate import batch_aware
+from ._iterate import batch_aware, while_loop
 from ._solver._common import check_int, check_real
 
 
@@ -108,7 +106,7 @@ class _AbstractStatsAdjoint(optx.AbstractAdjoint):
 
     def apply(self, primal_fn, rewrite_fn, inputs, tags):
         del tags
-        inputs = inputs + (ft.partial(eqxi.while_loop, kind="lax"),)
+        inputs = inputs + (while_loop,)
         # The probe travels as the differentiated argument; the rule gets the adjoint
         # without it (keyword arguments of a custom VJP must not be differentiated).
         rule = eqx.tree_at(lambda a: a.stats, self, None)

@@ -145,6 +145,25 @@ def _batched_iterate(dynamic: tuple, static: tuple, in_axes: Any, axis_size: int
     return y, (num_steps, result, dynamic_state, None, aux, stats)
 
 
+def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any, *, max_steps: int | None):
+    """A bounded `lax.while_loop`, with the signature optimistix's iterate function
+    expects of its `while_loop` argument. Our adjoints never differentiate through the
+    loop, so it needs none of `equinox.internal.while_loop`'s machinery (whose per-leaf
+    bookkeeping roughly doubled the traced loop body)."""
+    if max_steps is None:
+        return jax.lax.while_loop(cond_fun, body_fun, init_val)
+
+    def cond(carry):
+        step, val = carry
+        return (step < max_steps) & cond_fun(val)
+
+    def body(carry):
+        step, val = carry
+        return step + 1, body_fun(val)
+
+    return jax.lax.while_loop(cond, body, (jnp.array(0), init_val))[1]
+
+
 def _supports_batching(solver: Any) -> bool:
     from ._solver._common import FixedPointRootFinder
 

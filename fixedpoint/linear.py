@@ -29,11 +29,9 @@ truncated Neumann series $-\sum_{i<k} (A + I)^i b$, which for $A = J^\top - I$ i
 seed project's truncated-series backward pass with $k$ terms.
 """
 
-import functools as ft
 from typing import Any
 
 import equinox as eqx
-import equinox.internal as eqxi
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
@@ -41,7 +39,7 @@ import optimistix as optx
 from equinox.internal import ω
 from jaxtyping import Array, PyTree
 
-from ._iterate import batch_aware
+from ._iterate import batch_aware, while_loop
 from ._solver import (
     Anderson as _AndersonRoot,
     Broyden as _BroydenRoot,
@@ -75,7 +73,7 @@ class _PrimalAdjoint(optx.AbstractAdjoint):
 
     def apply(self, primal_fn, rewrite_fn, inputs, tags):
         del rewrite_fn, tags
-        return batch_aware(primal_fn, inputs + (ft.partial(eqxi.while_loop, kind="lax"),))
+        return batch_aware(primal_fn, inputs + (while_loop,))
 
 
 class _FixedPointLinearSolver(lx.AbstractLinearSolver):
