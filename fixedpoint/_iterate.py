@@ -165,9 +165,9 @@ def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any, *, max_ste
 
 
 def _supports_batching(solver: Any) -> bool:
-    from ._solver._common import FixedPointRootFinder
+    from ._solver._base import AbstractFixedPointRootFinder
 
-    return isinstance(solver, FixedPointRootFinder)
+    return isinstance(solver, AbstractFixedPointRootFinder)
 
 
 def batch_aware(primal_fn: Callable, inputs: tuple) -> Any:
