@@ -3,7 +3,7 @@
 - `DEQ`: an equinox layer returning the fixed point of a cell and a `DEQRecord`.
 - `backward_stats`, `without_backward_stats`: read / strip the backward statistics that
   a gradient of a model holding DEQ layers carries.
-- `FixedPointSolver`: the seed project's API, kept call-compatible.
+- `FixedPointSolver`: forward solve, backward solve and regularisation in one call.
 - `fixedpoint_deq.mnist`: a DEQ trained on MNIST from the command line.
 """
 

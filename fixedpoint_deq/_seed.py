@@ -1,4 +1,4 @@
-"""The seed project's `FixedPointSolver`, kept call-compatible, built on `DEQ`."""
+"""`FixedPointSolver`: solvers configured by name, built on `DEQ`."""
 
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +31,7 @@ def _check_int(name: str, value: Any, low: int) -> None:
 
 
 class FixedPointSolver(eqx.Module):
-    r"""The seed project's implicit fixed-point solver, now tolerance-based.
+    r"""An implicit fixed-point solver with its solvers configured by name.
 
     ```python
     solver = FixedPointSolver(
@@ -51,19 +51,19 @@ class FixedPointSolver(eqx.Module):
     anderson_m`, `beta = anderson_b`), `"broyden"`, `"neumann"` (alias `"picard"`: plain
     iteration). Backward: `"anderson"`, `"broyden"`, `"neumann"`, `"picard"` — the
     [`fixedpoint.linear`][] solver of that name on the adjoint system
-    $w = v + J_f^\top w$ from $w_0 = 0$. As in the seed, `"neumann"` with
+    $w = v + J_f^\top w$ from $w_0 = 0$. `"neumann"` with
     `bwd_iterations = n` sums the series up to the power $n$ ($n + 1$ terms) and
     `"picard"` runs $n$ iterations ($n$ terms).
 
-    **What is new.** `fwd_iterations` and `bwd_iterations` are maxima: each solve
+    **Iterations.** `fwd_iterations` and `bwd_iterations` are maxima: each solve
     stops when its tolerance (`fwd_tol`, `bwd_tol`, relative, see
-    [`fixedpoint.Neumann`][] for the rule) is met. Set them to 0 for the seed's fixed
+    [`fixedpoint.Neumann`][] for the rule) is met. Set the tolerances to 0 for fixed
     iteration counts. The statistics report steps and residuals of both passes.
 
     **Statistics.** Always: `fwd_steps`, `fwd_residual` (relative, $\|f(x^*) -
     x^*\| / \|x^*\|$ in the max norm) and `fwd_converged`. With `solver_stats=True` a
     backward solve with cotangent $v = 1$ is also run (one extra forward and backward
-    pass, as in the seed: use it to monitor training, not at every step), adding
+    pass: use it to monitor training, not at every step), adding
     `bwd_steps`, `bwd_residual` (of $w - v - J_f^\top w$, relative to $\|v\| = 1$) and
     `bwd_converged`.
     """
