@@ -167,3 +167,18 @@ class FixedPointSolver(eqx.Module):
             stats["bwd_residual"] = bwd.residual_norm
             stats["bwd_converged"] = bwd.failed == 0
         return x_star, record.jac_reg, stats
+
+
+FixedPointSolver.__init__.__doc__ = """**Arguments:**
+
+- `fwd_solver`: `"anderson"`, `"broyden"`, `"neumann"` or `"picard"`.
+- `fwd_iterations`: (>= 1) the most forward steps.
+- `fwd_init`: `"zero"` or `"random"` (normal noise, from the call's `key`).
+- `bwd_solver`: `"anderson"`, `"broyden"`, `"neumann"` or `"picard"`.
+- `bwd_iterations`: (>= 1) the most backward steps (for `"neumann"`, the highest power
+    of the series).
+- `anderson_m`: (>= 1) Anderson's history, forward and backward.
+- `anderson_b`: Anderson's mixing parameter in (0, 1].
+- `fwd_tol`, `bwd_tol`: (>= 0) the relative tolerances of the two solves; 0 runs the
+    full iteration counts.
+"""
