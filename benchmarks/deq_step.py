@@ -1,0 +1,278 @@
+"""The MNIST DEQ training step, ours against torchdeq, side by side in one process.
+
+The cell of `fixedpoint_deq.mnist` (width 12, 28x28, mean-pool head, batch 64, float32,
+AdamW) with exactly 10 Anderson forward steps (history of 5 differences: our ``m=5``,
+torchdeq's ``m=6`` stored iterates) and 5 backward steps, both frameworks on the same
+number of threads. Ours is built the way a user builds it: `make_model` and
+`make_train_step` of `fixedpoint_deq.mnist.train`. torchdeq (optional: ``pip install
+torch==2.13.0 torchdeq``) gets the same model written in torch.
+
+Rows: the training step with the phantom gradient (5 steps), with implicit
+differentiation and a 5-step Neumann (torchdeq: ``fixed_point_iter``) backward, with a
+5-step `fixedpoint.linear.Anderson` backward (ours only), and the forward solve alone
+(projection + 10 steps, no gradient). Each figure is the median of ``--steps`` timed
+calls after warm-up; the frameworks are interleaved round by round so that load on a
+shared machine hits both alike.
+
+    python -m benchmarks.deq_step            # prints a markdown table
+    python -m benchmarks.deq_step --steps 30 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import time
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+BATCH = 64
+WIDTH = 12
+FWD_STEPS = 10
+BWD_STEPS = 5
+LR = 1e-3
+
+
+def _data(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(BATCH, 1, 28, 28)).astype(np.float32)
+    labels = rng.integers(0, 10, size=BATCH).astype(np.int32)
+    return images, labels
+
+
+# ----------------------------------------------------------------------------- ours
+
+
+def _our_config(backward: str, backward_solver: str = "neumann"):
+    from fixedpoint_deq.mnist.train import Config
+
+    config = Config(
+        width=WIDTH,
+        head="mean",
+        batch_size=BATCH,
+        solver="anderson",
+        anderson_m=5,
+        max_steps=FWD_STEPS,
+        fwd_tol=0.0,  # exactly FWD_STEPS steps
+        backward=backward,
+        backward_solver=backward_solver,
+        backward_max_steps=BWD_STEPS,
+        backward_tol=0.0,  # exactly BWD_STEPS steps
+        phantom_steps=BWD_STEPS,
+        jac_reg=0.0,
+        lr=LR,
+        warmup_steps=0,
+    )
+    return config
+
+
+def ours_train_step(backward: str, backward_solver: str = "neumann") -> Callable[[], None]:
+    from fixedpoint_deq.mnist.train import make_model, make_optimizer, make_train_step
+
+    config = _our_config(backward, backward_solver)
+    model = make_model(config)
+    optimizer = make_optimizer(config, total_steps=10_000)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    step = make_train_step(config, optimizer)
+    images, labels = (jnp.asarray(a) for a in _data())
+    key = jax.random.key(0)
+    state = [model, opt_state]
+
+    def run():
+        model, opt_state, metrics = step(state[0], state[1], images, labels, key)
+        jax.block_until_ready(metrics["loss"])
+        state[0], state[1] = model, opt_state
+
+    return run
+
+
+def ours_forward() -> Callable[[], None]:
+    from fixedpoint_deq.mnist.train import make_model
+
+    model = make_model(_our_config("phantom"))
+    images = jnp.asarray(_data()[0])
+
+    @eqx.filter_jit
+    def forward(model, images):
+        logits, record = jax.vmap(lambda im: model(im))(images)
+        return logits, record.num_steps
+
+    def run():
+        logits, steps = forward(model, images)
+        jax.block_until_ready(logits)
+
+    return run
+
+
+# ----------------------------------------------------------------------------- torchdeq
+
+
+def torchdeq_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "torchdeq"))
+
+
+def _torch_model(grad: str):
+    import torch
+    import torch.nn as nn
+    from torchdeq import get_deq
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.project = nn.Conv2d(1, WIDTH, 3, padding=1)
+            self.project_norm = nn.GroupNorm(1, WIDTH)
+            self.conv = nn.Conv2d(WIDTH, WIDTH, 3, padding=1)
+            self.norm = nn.GroupNorm(1, WIDTH)
+            self.head = nn.Linear(WIDTH, 10)
+            kwargs = dict(
+                f_solver="anderson",
+                f_max_iter=FWD_STEPS,
+                f_tol=0.0,
+                f_stop_mode="abs",
+                eval_f_max_iter=FWD_STEPS,
+            )
+            if grad == "phantom":
+                kwargs.update(grad=BWD_STEPS, tau=0.5)
+            else:
+                kwargs.update(
+                    ift=True, b_solver="fixed_point_iter", b_max_iter=BWD_STEPS, b_tol=0.0
+                )
+            self.deq = get_deq(**kwargs)
+
+        def cell(self, z, x):
+            return self.norm(nn.functional.gelu(self.conv(z))) + x
+
+        def forward(self, images):
+            x = self.project_norm(nn.functional.gelu(self.project(images)))
+            z0 = torch.zeros_like(x)
+            z_out, info = self.deq(lambda z: self.cell(z, x), z0, solver_kwargs=dict(m=6))
+            return self.head(z_out[-1].mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    return Model()
+
+
+def torchdeq_train_step(grad: str) -> Callable[[], None]:
+    import torch
+
+    model = _torch_model(grad)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
+    images, labels = (torch.from_numpy(a) for a in _data())
+    labels = labels.long()
+
+    def run():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return run
+
+
+def torchdeq_forward() -> Callable[[], None]:
+    import torch
+
+    model = _torch_model("phantom")
+    model.eval()
+    images = torch.from_numpy(_data()[0])
+
+    def run():
+        with torch.no_grad():
+            model(images)
+
+    return run
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    ours: Callable[[], None]
+    peer: Callable[[], None] | None
+
+
+def rows(with_torchdeq: bool) -> list[Row]:
+    def peer(make, *args):
+        return make(*args) if with_torchdeq else None
+
+    return [
+        Row("phantom backward, 5 steps", ours_train_step("phantom"),
+            peer(torchdeq_train_step, "phantom")),
+        Row("implicit, 5-step Neumann backward", ours_train_step("implicit", "neumann"),
+            peer(torchdeq_train_step, "ift")),
+        Row("implicit, 5-step `linear.Anderson` backward",
+            ours_train_step("implicit", "anderson"), None),
+        Row("forward solve alone (projection + 10 Anderson steps)", ours_forward(),
+            peer(torchdeq_forward)),
+    ]
+
+
+def measure(table: list[Row], steps: int, warmup: int = 3) -> list[tuple[str, float, float]]:
+    """Median milliseconds per call, frameworks interleaved call by call."""
+    for row in table:
+        for _ in range(warmup):
+            row.ours()
+            if row.peer is not None:
+                row.peer()
+    times: dict[str, tuple[list[float], list[float]]] = {r.name: ([], []) for r in table}
+    for _ in range(steps):
+        for row in table:
+            t0 = time.perf_counter()
+            row.ours()
+            times[row.name][0].append(time.perf_counter() - t0)
+            if row.peer is not None:
+                t0 = time.perf_counter()
+                row.peer()
+                times[row.name][1].append(time.perf_counter() - t0)
+    out = []
+    for row in table:
+        ours, peer = times[row.name]
+        out.append((row.name, 1e3 * float(np.median(ours)),
+                    1e3 * float(np.median(peer)) if peer else float("nan")))
+    return out
+
+
+def markdown(results: list[tuple[str, float, float]]) -> str:
+    lines = [
+        "| | ours [ms] | torchdeq [ms] | ours / torchdeq |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, ours, peer in results:
+        if np.isnan(peer):
+            lines.append(f"| {name} | {ours:.1f} | - | - |")
+        else:
+            lines.append(f"| {name} | {ours:.1f} | {peer:.1f} | {ours / peer:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="timed calls per row (>= 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (>= 1)")
+    parser.add_argument("--no-torchdeq", action="store_true", help="time ours only")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.threads < 1:
+        parser.error("--steps and --threads must be >= 1")
+    with_torchdeq = torchdeq_available() and not args.no_torchdeq
+    if with_torchdeq:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    elif not args.no_torchdeq:
+        print("torch/torchdeq not installed: timing ours only")
+    print(markdown(measure(rows(with_torchdeq), args.steps)))
+
+
+if __name__ == "__main__":
+    main()
