@@ -4,7 +4,7 @@ Two modes, chosen by pytest-benchmark's own switch:
 
 - **smoke** (benchmarks disabled, the default through pyproject's
   ``--benchmark-disable``): each benchmark runs once on the small ``"smoke"`` grid of
-  `problems.py` and its convergence is asserted (no timing). The ``"default"`` and
+  `benchmarks.problems` and its convergence is asserted (no timing). The ``"default"`` and
   ``"full"`` problems are collected too, marked ``slow`` (``pytest -m slow``).
 - **timed** (``--benchmark-only`` or ``--benchmark-enable``): the ``"default"`` grid
   is timed, grouped by problem; the ``"full"`` grid's extra problems and solver
@@ -21,6 +21,17 @@ import jax
 import pytest
 
 from . import harness, peers, problems
+
+
+# The compilations of the JAX solvers, shared by every benchmark test of the session
+# (held in pytest's per-session stash, not in a module).
+_CACHE = pytest.StashKey[peers.CompileCache]()
+
+
+def _compile_cache(config) -> peers.CompileCache:
+    if _CACHE not in config.stash:
+        config.stash[_CACHE] = peers.CompileCache()
+    return config.stash[_CACHE]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -46,9 +57,10 @@ def pytest_generate_tests(metafunc):
     else:
         fast_specs = problems.specs("smoke")
         slow_specs = problems.specs("full")
-    default_solvers = peers.solvers(solver_grid)
+    cache = _compile_cache(metafunc.config)
+    default_solvers = peers.solvers(solver_grid, cache=cache)
     default_names = {a.name for a in default_solvers}
-    extra_solvers = [a for a in peers.solvers("full") if a.name not in default_names]
+    extra_solvers = [a for a in peers.solvers("full", cache=cache) if a.name not in default_names]
     params = []
     for specs, slow in ((fast_specs, False), (slow_specs, True)):
         for spec in specs:
@@ -56,6 +68,12 @@ def pytest_generate_tests(metafunc):
                 marks = [pytest.mark.slow] if slow or adapter.name not in default_names else []
                 params.append(pytest.param((spec, adapter), id=f"{spec.name}|{adapter.name}", marks=marks))
     metafunc.parametrize("case", params)
+
+
+@pytest.fixture(scope="session")
+def compile_cache(request) -> peers.CompileCache:
+    """The session's `peers.CompileCache` (the one the parametrised benchmarks use)."""
+    return _compile_cache(request.config)
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 
 BATCH = 64
@@ -257,7 +256,7 @@ def markdown(results: list[tuple[str, float, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="timed calls per row (>= 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (>= 1)")
     parser.add_argument("--no-torchdeq", action="store_true", help="time ours only")

@@ -8,7 +8,7 @@ For every (problem, solver):
 - **f evals to tol**: the number of evaluations of the problem function after which
   an evaluated point first had common residual <= `TOL`. Every solver is traced: the
   residual of every point at which it evaluates the function is recorded, in call
-  order (how each library is traced is documented on its adapter in `peers.py`). For
+  order (how each library is traced is documented on its adapter in `benchmarks.peers`). For
   a batch, each state's first hit is found and the latest one counts (the number of
   batched evaluations until every state has met the tolerance).
 - **f evals used**: the evaluations the solver made with its own stopping rule, set
@@ -35,7 +35,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -107,7 +107,7 @@ class Trace:
     jacobians: int = 0
 
 
-def stack_lanes(lanes: list[list[float] | np.ndarray]) -> np.ndarray:
+def stack_lanes(lanes: Sequence[Sequence[float] | np.ndarray]) -> np.ndarray:
     """Pad per-state traces of different lengths with NaN into one ``(K, B)`` array."""
     length = max((len(x) for x in lanes), default=0)
     out = np.full((length, len(lanes)), np.nan)
@@ -233,7 +233,9 @@ def evaluate(
     trace: bool = True,
 ) -> Result:
     """Measure `adapter` (see `peers.Adapter`) on `problem`."""
-    base = dict(problem=problem.name, solver=adapter.name, library=adapter.library, method=adapter.method)
+    base: dict[str, Any] = dict(
+        problem=problem.name, solver=adapter.name, library=adapter.library, method=adapter.method
+    )
     reason = adapter.unavailable() or adapter.inapplicable(problem)
     if reason:
         return Result(**base, status="skipped", note=reason)

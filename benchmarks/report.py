@@ -28,7 +28,7 @@ from pathlib import Path
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=(__doc__ or "").split("\n\n")[0])
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--full", action="store_true", help="run the full grid (problems and solver settings)")
     grid.add_argument("--smoke", action="store_true", help="run the tiny smoke grid (a quick check of the set-up)")
@@ -144,7 +144,7 @@ def _write_markdown(path, results, problems_list, adapters, targets, meta):
         "evaluations made under the solver's own stopping rule (set to the common criterion where possible). "
         "**J**: dense Jacobians formed (each costs n JVPs). **compile**: JAX only, shared by the problems "
         "of one family and size. **warm wall**: best of a few runs after a warm-up, without tracing. "
-        "How each library is stopped, traced and counted: `benchmarks/peers.py`.",
+        "How each library is stopped, traced and counted: `benchmarks/peers/`.",
         "- Anderson histories are matched in differences: our `m` = SciPy `M` = jaxopt `history_size - 1` "
         "= torchdeq `m - 1`; mixing `beta = 1` and initial inverse Jacobian `-I` everywhere.",
         "",
@@ -331,7 +331,10 @@ def _run(args, t_start) -> int:
     tol = args.tol if args.tol is not None else harness.TOL
     budget = args.budget if args.budget is not None else harness.BUDGET
     specs = [s for s in problems.specs(grid) if fnmatch.fnmatchcase(s.name, args.problems)]
-    adapters = [a for a in peers.solvers(grid) if fnmatch.fnmatchcase(a.name, args.solvers)]
+    cache = peers.CompileCache()
+    adapters = [
+        a for a in peers.solvers(grid, cache=cache) if fnmatch.fnmatchcase(a.name, args.solvers)
+    ]
     if not specs or not adapters:
         print("nothing to run: no problem or no solver matches", file=sys.stderr)
         return 2
@@ -369,7 +372,7 @@ def _run(args, t_start) -> int:
             _plot(out / "plots" / f"{problem.name}.png", problem, mine, tol)
         # Free the compiled solvers of a family once its last problem is done.
         if _next_signature(specs, spec) != problem.signature():
-            peers.clear_compiled()
+            cache.clear()
     bar.close()
 
     targets = _targets(results, adapters, {p.name: p for p in problems_list})

@@ -20,8 +20,9 @@ def test_names_unique_and_lazy():
         assert len(names) == len(set(names)), grid
     spec = problems.specs("smoke")[0]
     assert spec.make().name == spec.name
+    again = problems.spec(problems.linear_contraction, grids=problems.SMOKE, n=50, rho=0.9)
     with pytest.raises(ValueError, match="already registered"):
-        problems.register(problems.linear_contraction, grids=problems.SMOKE, n=50, rho=0.9)
+        problems.registry(problems.REGISTRY + (again,))
 
 
 @pytest.mark.parametrize("spec", problems.specs("smoke"), ids=lambda s: s.name)
@@ -79,9 +80,10 @@ def test_tanh_spectra():
 def test_counting_and_trace():
     """Our evaluations counted three ways agree: num_steps, the trace, the first hit."""
     problem = problems.specs("smoke")[0].make()
-    adapter = peers.Ours("fp.Neumann", "picard", __import__("fixedpoint").Neumann)
+    adapter = peers.Ours("fp.Neumann", "picard")
     result = harness.evaluate(problem, adapter, timing=False)
     assert result.success and result.evals_to_tol == result.evals_used
+    assert result.curve is not None
     assert result.curve[-1] <= harness.TOL < result.curve[-2]
     # Plain iteration on z = A z + b from 0 with the same stopping rule, by hand.
     a, b = problem.params["At"].T, problem.params["b"]
@@ -167,13 +169,13 @@ def test_mnist_random_cell_is_the_model_cell():
     assert problem.dim == 784 * 4 and problem.batch_size == 2
 
 
-def test_mnist_trained_cell_from_a_checkpoint(tmp_path, monkeypatch):
+def test_mnist_trained_cell_from_a_checkpoint(tmp_path, monkeypatch, compile_cache):
     """Train a tiny model for a few steps, write its checkpoint, and build the trained
     problem from it: the same cell as the model's, a Newton-Krylov reference, and our
     solvers and SciPy's reaching the common tolerance on it."""
     from fixedpoint_deq.mnist import train as tr
 
-    data_dir = problems._mnist_data_dir()
+    data_dir = problems.mnist_data_dir()
     _mnist_or_skip(weights="random", batch=1, width=4)  # skips without the digits
     missing = tmp_path / "none"
     with pytest.raises(problems.Unavailable, match="no checkpoint in .*none"):
@@ -191,12 +193,13 @@ def test_mnist_trained_cell_from_a_checkpoint(tmp_path, monkeypatch):
     _check_against_model(problem, result.model)
     z = problem.reference()
     assert problem.relative_residual(z) < 1e-12
-    for adapter in peers.solvers():
+    for adapter in peers.solvers(cache=compile_cache):
         if adapter.name in ("fp.Anderson(m=5)", "fp.Broyden(memory=30)", "scipy.anderson(M=5)"):
             r = harness.evaluate(problem, adapter, timing=False)
             if r.status == "skipped":
                 continue
             assert r.success, (adapter.name, r)
+            assert r.evals_to_tol is not None and r.evals_used is not None
             assert r.evals_to_tol <= r.evals_used
 
 

@@ -52,7 +52,7 @@ from equinox.internal import ω
 from jaxtyping import Array, Float, PyTree
 
 from . import linear
-from ._solver._common import check_int, check_real
+from ._validate import as_int, check_int, check_real
 
 
 def _float32(x) -> Array:
@@ -93,7 +93,13 @@ class _AbstractStatsAdjoint(optx.AbstractAdjoint):
     """Runs the solve forward with a plain `lax.while_loop` and applies
     `self._backward` as the reverse-mode rule."""
 
-    stats: eqx.AbstractVar[BackwardStats]
+    # An abstract property rather than an `eqx.AbstractVar`: type checkers order an
+    # AbstractVar before the subclass's own fields, which would make `stats` the first
+    # positional argument of `ImplicitAdjoint(linear_solver)` in their eyes.
+    @property
+    @abc.abstractmethod
+    def stats(self) -> BackwardStats:
+        """The statistics probe (a field of every concrete adjoint)."""
 
     @abc.abstractmethod
     def _backward(
@@ -233,43 +239,45 @@ class PhantomAdjoint(_AbstractStatsAdjoint):
     steps started at the solution instead of solving the implicit system.
 
     With $z_0 = \operatorname{stop\_gradient}(z^*)$ and
-    $z_{i+1} = z_i + \lambda\, g(z_i, \theta)$ (for a fixed point,
-    $z_{i+1} = (1-\lambda) z_i + \lambda f(z_i, \theta)$), the gradient is that of
+    $z_{i+1} = z_i + \beta\, g(z_i, \theta)$ (for a fixed point,
+    $z_{i+1} = (1-\beta) z_i + \beta f(z_i, \theta)$), the gradient is that of
     $z_k$. Equivalently it replaces $(I - J_f)^{-1}$ by
-    $\lambda \sum_{i<k} ((1-\lambda) I + \lambda J_f)^i$ (frozen at $z^*$ for the
-    linear part), a truncated, damped Neumann series.
+    $\beta \sum_{i<k} ((1-\beta) I + \beta J_f)^i$ (frozen at $z^*$ for the
+    linear part), a truncated, damped Neumann series. The damping $\beta$ is the `beta`
+    of this package's solvers (the weight of the new map value; optimistix's `damp` is
+    the weight of the old iterate, $1 - \beta$).
 
     **Cost:** $k$ VJPs of $f$ and no linear solve. **Bias:** the truncation error
-    $((1-\lambda) I + \lambda J_f)^k$; it vanishes as $k \to \infty$ when the map
+    $((1-\beta) I + \beta J_f)^k$; it vanishes as $k \to \infty$ when the map
     contracts, and the direction stays a descent direction for small $\|J_f\|$. Often
     good enough for training, much cheaper than an exact solve.
     """
 
-    steps: int = 5
-    damping: float = 0.5
+    steps: int = eqx.field(default=5, converter=as_int)
+    beta: float = 0.5
     stats: BackwardStats = BackwardStats()
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         check_int("steps", self.steps, low=1)
-        check_real("damping", self.damping, low=0.0, high=1.0, low_open=True)
+        check_real("beta", self.beta, low=0.0, high=1.0, low_open=True)
 
     def _backward(self, g_root, root, cotangent):
-        return _unrolled(g_root, root, cotangent, self.steps, self.damping)
+        return _unrolled(g_root, root, cotangent, self.steps, self.beta)
 
 
-def _unrolled(g_root, root, cotangent, steps: int, damping: float):
-    """Reverse mode through z_{i+1} = z_i + damping * g(z_i), z_0 = z*, i < steps.
+def _unrolled(g_root, root, cotangent, steps: int, beta: float):
+    """Reverse mode through z_{i+1} = z_i + beta * g(z_i), z_0 = z*, i < steps.
 
     Since z* is a root the iterates stay at z*, so every step has the same Jacobian:
     the input cotangent is VJP_theta(g at z*) applied to
-    w = damping * sum_{i<steps} (I + damping J_g^T)^i zbar.
+    w = beta * sum_{i<steps} (I + beta J_g^T)^i zbar.
     """
     _, vjp_root = jax.vjp(g_root, root)
 
     def body(_, carry):
         c, acc = carry
-        acc = (acc**ω + damping * c**ω).ω
-        c = (c**ω + damping * vjp_root(c)[0] ** ω).ω
+        acc = (acc**ω + beta * c**ω).ω
+        c = (c**ω + beta * vjp_root(c)[0] ** ω).ω
         return c, acc
 
     zeros = jtu.tree_map(jnp.zeros_like, cotangent)
@@ -288,7 +296,8 @@ def _unrolled(g_root, root, cotangent, steps: int, damping: float):
 PhantomAdjoint.__init__.__doc__ = """**Arguments:**
 
 - `steps`: (>= 1) the number of unrolled steps $k$.
-- `damping`: $\\lambda$ in (0, 1].
+- `beta`: the damping $\\beta$ in (0, 1] (1: undamped steps). Called `damping` before
+    version 0.2.
 - `stats`: the statistics probe; leave it at its default.
 """
 
@@ -313,3 +322,33 @@ JacobianFreeAdjoint.__init__.__doc__ = """**Arguments:**
 
 - `stats`: the statistics probe; leave it at its default.
 """
+
+
+def _is_stats(x: Any) -> bool:
+    return isinstance(x, BackwardStats)
+
+
+def backward_stats(grads: PyTree) -> BackwardStats | None:
+    """Collect the backward statistics from a gradient.
+
+    Differentiating a loss with respect to anything holding one of this module's
+    adjoints (a [`fixedpoint_deq.DEQ`][] layer in a model, or the adjoint itself, e.g.
+    `eqx.filter_grad(loss)(model)`) puts the statistics of each backward solve into the
+    gradient, as the cotangent of the adjoint's `stats` probe. This returns their sum
+    over every [`fixedpoint.BackwardStats`][] in `grads` (so, for a solve `vmap`ped over
+    a batch, the totals over the batch), or `None` if there are none.
+    """
+    found = [s for s in jtu.tree_leaves(grads, is_leaf=_is_stats) if _is_stats(s)]
+    if not found:
+        return None
+    return jtu.tree_map(lambda *xs: sum(xs), *found)
+
+
+def without_backward_stats(grads: PyTree) -> PyTree:
+    """`grads` with every backward-statistics probe set to zero (e.g. before an
+    optimiser update, so that the statistics never move a parameter)."""
+    return jtu.tree_map(
+        lambda x: jtu.tree_map(jnp.zeros_like, x) if _is_stats(x) else x,
+        grads,
+        is_leaf=_is_stats,
+    )

@@ -7,7 +7,7 @@ import jax.tree_util as jtu
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
 
-from ._solver._common import check_int
+from ._validate import as_int, check_choice, check_int
 
 
 def jacobian_regularisation(
@@ -47,8 +47,8 @@ def jacobian_regularisation(
     **Returns:** a scalar in the dtype of `z`.
     """
     check_int("samples", samples, low=1)
-    if probe not in ("gaussian", "rademacher"):
-        raise ValueError(f"`probe` must be 'gaussian' or 'rademacher', got {probe!r}.")
+    check_choice("probe", probe, ("gaussian", "rademacher"))
+    samples = as_int(samples)
     z_flat, unravel = ravel_pytree(z)
     dim = z_flat.size
     shape = (samples, dim)

@@ -40,11 +40,12 @@ from equinox.internal import ω
 from jaxtyping import Array, PyTree
 
 from ._solver import (
+    AbstractFixedPointRootFinder,
     Anderson as _AndersonRoot,
     Broyden as _BroydenRoot,
     Neumann as _NeumannRoot,
 )
-from ._solver._common import check_int, FixedPointRootFinder
+from ._validate import as_int, check_choice, check_int
 
 
 def _residual(u, operator_and_vector):
@@ -64,13 +65,15 @@ def _to_lineax_result(result: optx.RESULTS) -> lx.RESULTS:
     )
 
 
-class _FixedPointLinearSolver(lx.AbstractLinearSolver):
-    """A lineax solver that runs one of this package's root finders on A u - b."""
+class AbstractFixedPointLinearSolver(lx.AbstractLinearSolver):
+    """The shared base of this module's solvers: a lineax solver that runs one of this
+    package's root finders (`root_finder`) on $r(u) = A u - b$, for at most `max_steps`
+    steps (matrix-vector products)."""
 
-    root_finder: FixedPointRootFinder
-    max_steps: int
+    root_finder: eqx.AbstractVar[AbstractFixedPointRootFinder]
+    max_steps: eqx.AbstractVar[int]
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         check_int("max_steps", self.max_steps, low=1)
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
@@ -115,13 +118,18 @@ class _FixedPointLinearSolver(lx.AbstractLinearSolver):
         return True
 
 
-class Anderson(_FixedPointLinearSolver):
+class AndersonLinearSolver(AbstractFixedPointLinearSolver):
     r"""Anderson acceleration as a lineax linear solver: [`fixedpoint.Anderson`][] run
     on $r(u) = A u - b$ from $u_0 = 0$ (or `options["y0"]`). On a linear problem
     Anderson mixing is a Krylov method closely related to restarted GMRES($m$).
     """
 
-    def __init__(self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs):
+    root_finder: _AndersonRoot
+    max_steps: int = eqx.field(converter=as_int)
+
+    def __init__(
+        self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any
+    ):
         """**Arguments:** `rtol`, `atol` and every other keyword (`norm`, `m`, `beta`,
         `regularisation`, `safeguard_factor`, `divergence_factor`) as for
         [`fixedpoint.Anderson`][]; `max_steps` (>= 1) the most matrix-vector products.
@@ -130,13 +138,18 @@ class Anderson(_FixedPointLinearSolver):
         self.max_steps = max_steps
 
 
-class Broyden(_FixedPointLinearSolver):
+class BroydenLinearSolver(AbstractFixedPointLinearSolver):
     r"""Broyden's method as a lineax linear solver: [`fixedpoint.Broyden`][] run on
     $r(u) = A u - b$ from $u_0 = 0$ (or `options["y0"]`). On a linear problem good
     Broyden terminates in at most $2n$ steps in exact arithmetic (Gay 1979).
     """
 
-    def __init__(self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs):
+    root_finder: _BroydenRoot
+    max_steps: int = eqx.field(converter=as_int)
+
+    def __init__(
+        self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any
+    ):
         """**Arguments:** `rtol`, `atol` and every other keyword (`norm`, `memory`,
         `beta`, `line_search`, `max_backtracks`, `divergence_factor`) as for
         [`fixedpoint.Broyden`][]; `max_steps` (>= 1) the most matrix-vector products.
@@ -145,14 +158,19 @@ class Broyden(_FixedPointLinearSolver):
         self.max_steps = max_steps
 
 
-class Neumann(_FixedPointLinearSolver):
+class NeumannLinearSolver(AbstractFixedPointLinearSolver):
     r"""The (damped) Neumann series as a lineax linear solver: [`fixedpoint.Neumann`][]
     run on $r(u) = A u - b$ from $u_0 = 0$ (or `options["y0"]`), i.e.
     $u_{k+1} = u_k + \beta (A u_k - b)$. With $\beta = 1$ and $A = M - I$ the iterates
     are the partial sums $-\sum_{i<k} M^i b$ of the Neumann series of $(I - M)^{-1}$.
     """
 
-    def __init__(self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs):
+    root_finder: _NeumannRoot
+    max_steps: int = eqx.field(converter=as_int)
+
+    def __init__(
+        self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any
+    ):
         """**Arguments:** `rtol`, `atol` and every other keyword (`norm`, `beta`,
         `divergence_factor`) as for [`fixedpoint.Neumann`][]; `max_steps` (>= 1) the most
         matrix-vector products. With `rtol = atol = 0` exactly `max_steps` terms of the
@@ -160,3 +178,37 @@ class Neumann(_FixedPointLinearSolver):
         """
         self.root_finder = _NeumannRoot(rtol=rtol, atol=atol, **kwargs)
         self.max_steps = max_steps
+
+
+# The public names: `fixedpoint.linear.Anderson` etc. The classes carry the suffix
+# `LinearSolver` so that printing a solver (e.g. an `ImplicitAdjoint` holding one) never
+# confuses it with the root finder of the same name that it wraps.
+Anderson = AndersonLinearSolver
+Broyden = BroydenLinearSolver
+Neumann = NeumannLinearSolver
+
+_BY_NAME: dict[str, type[AbstractFixedPointLinearSolver]] = {
+    "anderson": AndersonLinearSolver,
+    "broyden": BroydenLinearSolver,
+    "neumann": NeumannLinearSolver,
+    "picard": NeumannLinearSolver,
+}
+
+
+def solver_from_name(name: str, **kwargs: Any) -> AbstractFixedPointLinearSolver:
+    """The linear solver called `name`, built with `kwargs`.
+
+    **Arguments:**
+
+    - `name`: `"anderson"` ([`fixedpoint.linear.Anderson`][]), `"broyden"`
+        ([`fixedpoint.linear.Broyden`][]), `"neumann"` or its alias `"picard"`
+        ([`fixedpoint.linear.Neumann`][]).
+    - `kwargs`: the keyword arguments of that class (e.g. `rtol`, `max_steps`, `m`).
+
+    **Returns:** the solver. **Raises:** `ValueError` for an unknown name (the message
+    lists the known ones); the class's own errors for invalid keyword arguments.
+
+    The root finders have the same factory, [`fixedpoint.solver_from_name`][].
+    """
+    check_choice("name", name, tuple(_BY_NAME))
+    return _BY_NAME[name](**kwargs)

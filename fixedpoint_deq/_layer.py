@@ -1,5 +1,5 @@
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -9,6 +9,7 @@ import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 import fixedpoint as fp
+from fixedpoint._validate import as_int, check_bool, check_choice, check_int, check_real
 
 
 def _cell_fn(z, args):
@@ -31,7 +32,7 @@ class DEQRecord(eqx.Module):
       (`jac_reg=True`), else 0.
 
     The backward statistics only exist after differentiation: read them from the
-    gradient with [`fixedpoint_deq.backward_stats`][].
+    gradient with [`fixedpoint.backward_stats`][].
     """
 
     num_steps: Int[Array, ""]
@@ -71,21 +72,18 @@ class DEQ(eqx.Module):
         fp.linear.Anderson(m=5, rtol=1e-3, atol=1e-9, norm=optx.rms_norm, max_steps=30),
         throw=False,
     )
-    max_steps: int = eqx.field(static=True, default=30)
+    max_steps: int = eqx.field(static=True, default=30, converter=as_int)
     init: Literal["zero", "random"] = eqx.field(static=True, default="zero")
     init_scale: float = eqx.field(static=True, default=1.0)
-    jac_reg_samples: int = eqx.field(static=True, default=1)
+    jac_reg_samples: int = eqx.field(static=True, default=1, converter=as_int)
     throw: bool = eqx.field(static=True, default=False)
 
-    def __check_init__(self):
-        if self.init not in _INITS:
-            raise ValueError(f"`init` must be one of {_INITS}, got {self.init!r}.")
-        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
-            raise ValueError(f"`max_steps` must be an integer >= 1, got {self.max_steps!r}.")
-        if not isinstance(self.jac_reg_samples, int) or self.jac_reg_samples < 1:
-            raise ValueError(
-                f"`jac_reg_samples` must be an integer >= 1, got {self.jac_reg_samples!r}."
-            )
+    def __check_init__(self) -> None:
+        check_choice("init", self.init, _INITS)
+        check_int("max_steps", self.max_steps, low=1)
+        check_int("jac_reg_samples", self.jac_reg_samples, low=1)
+        check_real("init_scale", self.init_scale)
+        check_bool("throw", self.throw)
 
     def initial_state(
         self, like: PyTree[Array], key: PRNGKeyArray | None = None
@@ -148,6 +146,7 @@ class DEQ(eqx.Module):
         norm = getattr(self.solver, "norm", optx.max_norm)
         scale = jnp.asarray(norm(jax.lax.stop_gradient(z_star)), dtype)
         if jac_reg:
+            assert reg_key is not None  # checked on entry
             reg = fp.jacobian_regularisation(
                 _cell_fn, z_star, args, key=reg_key, samples=self.jac_reg_samples
             )
@@ -162,34 +161,6 @@ class DEQ(eqx.Module):
             jac_reg=reg,
         )
         return z_star, record
-
-
-def _is_stats(x: Any) -> bool:
-    return isinstance(x, fp.BackwardStats)
-
-
-def backward_stats(grads: PyTree) -> fp.BackwardStats | None:
-    """Collect the backward statistics from a gradient.
-
-    Differentiating a loss with respect to a model holding [`fixedpoint_deq.DEQ`][]
-    layers (e.g. `eqx.filter_grad(loss)(model)`) puts the statistics of each backward
-    solve into the gradient, as the cotangent of the adjoint's `stats` probe. This
-    returns their sum over all DEQ layers in `grads` (so, for a layer `vmap`ped over a
-    batch, the totals over the batch), or `None` if there are none.
-    """
-    found = [s for s in jtu.tree_leaves(grads, is_leaf=_is_stats) if _is_stats(s)]
-    if not found:
-        return None
-    return jtu.tree_map(lambda *xs: sum(xs), *found)
-
-
-def without_backward_stats(grads: PyTree) -> PyTree:
-    """`grads` with every backward-statistics probe set to zero, for an optimiser."""
-    return jtu.tree_map(
-        lambda x: jtu.tree_map(jnp.zeros_like, x) if _is_stats(x) else x,
-        grads,
-        is_leaf=_is_stats,
-    )
 
 
 DEQ.__init__.__doc__ = """**Arguments:**

@@ -1,33 +1,22 @@
 """`FixedPointSolver`: solvers configured by name, built on `DEQ`."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import optimistix as optx
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 import fixedpoint as fp
+from fixedpoint._validate import as_int, check_choice, check_int, check_real
 
 from ._layer import DEQ
 
 
-_FWD = ("anderson", "broyden", "neumann", "picard")
-_BWD = ("anderson", "broyden", "neumann", "picard")
+_SOLVERS = ("anderson", "broyden", "neumann", "picard")
 _INIT = ("zero", "random")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {', '.join(allowed)}; got {value!r}.")
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
 
 
 class FixedPointSolver(eqx.Module):
@@ -69,50 +58,42 @@ class FixedPointSolver(eqx.Module):
     """
 
     fwd_solver: str = eqx.field(static=True, default="anderson")
-    fwd_iterations: int = eqx.field(static=True, default=50)
-    fwd_init: str = eqx.field(static=True, default="zero")
+    fwd_iterations: int = eqx.field(static=True, default=50, converter=as_int)
+    fwd_init: Literal["zero", "random"] = eqx.field(static=True, default="zero")
     bwd_solver: str = eqx.field(static=True, default="neumann")
-    bwd_iterations: int = eqx.field(static=True, default=3)
-    anderson_m: int = eqx.field(static=True, default=3)
+    bwd_iterations: int = eqx.field(static=True, default=3, converter=as_int)
+    anderson_m: int = eqx.field(static=True, default=3, converter=as_int)
     anderson_b: float = eqx.field(static=True, default=0.5)
     fwd_tol: float = eqx.field(static=True, default=1e-4)
     bwd_tol: float = eqx.field(static=True, default=1e-4)
 
-    def __check_init__(self):
-        _check_choice("fwd_solver", self.fwd_solver, _FWD)
-        _check_choice("bwd_solver", self.bwd_solver, _BWD)
-        _check_choice("fwd_init", self.fwd_init, _INIT)
-        _check_int("fwd_iterations", self.fwd_iterations, 1)
-        _check_int("bwd_iterations", self.bwd_iterations, 1)
-        _check_int("anderson_m", self.anderson_m, 1)
-        b = self.anderson_b
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
-            raise ValueError(f"`anderson_b` must lie in (0, 1], got {b!r}.")
-        for name in ("fwd_tol", "bwd_tol"):
-            t = getattr(self, name)
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0:
-                raise ValueError(f"`{name}` must be a number >= 0, got {t!r}.")
+    def __check_init__(self) -> None:
+        check_choice("fwd_solver", self.fwd_solver, _SOLVERS)
+        check_choice("bwd_solver", self.bwd_solver, _SOLVERS)
+        check_choice("fwd_init", self.fwd_init, _INIT)
+        check_int("fwd_iterations", self.fwd_iterations, low=1)
+        check_int("bwd_iterations", self.bwd_iterations, low=1)
+        check_int("anderson_m", self.anderson_m, low=1)
+        check_real("anderson_b", self.anderson_b, low=0.0, high=1.0, low_open=True)
+        check_real("fwd_tol", self.fwd_tol, low=0.0)
+        check_real("bwd_tol", self.bwd_tol, low=0.0)
 
-    def _forward_solver(self) -> optx.AbstractRootFinder:
-        tol = dict(rtol=self.fwd_tol, atol=self.fwd_tol * 1e-2)
+    def _forward_solver(self) -> fp.AbstractFixedPointRootFinder:
+        # The seed's names: `anderson_m`, `anderson_b` are the library's `m`, `beta`.
+        kwargs: dict[str, Any] = dict(rtol=self.fwd_tol, atol=self.fwd_tol * 1e-2)
         if self.fwd_solver == "anderson":
-            return fp.Anderson(m=self.anderson_m, beta=self.anderson_b, **tol)
-        if self.fwd_solver == "broyden":
-            return fp.Broyden(**tol)
-        return fp.Neumann(**tol)
+            kwargs.update(m=self.anderson_m, beta=self.anderson_b)
+        return fp.solver_from_name(self.fwd_solver, **kwargs)
 
-    def _backward_solver(self):
-        tol = dict(rtol=self.bwd_tol, atol=self.bwd_tol * 1e-2)
+    def _backward_solver(self) -> fp.linear.AbstractFixedPointLinearSolver:
+        kwargs: dict[str, Any] = dict(rtol=self.bwd_tol, atol=self.bwd_tol * 1e-2)
         n = self.bwd_iterations
         if self.bwd_solver == "anderson":
-            return fp.linear.Anderson(
-                m=self.anderson_m, beta=self.anderson_b, max_steps=n, **tol
-            )
-        if self.bwd_solver == "broyden":
-            return fp.linear.Broyden(max_steps=n, **tol)
-        if self.bwd_solver == "neumann":
-            return fp.linear.Neumann(max_steps=n + 1, **tol)
-        return fp.linear.Neumann(max_steps=n, **tol)
+            kwargs.update(m=self.anderson_m, beta=self.anderson_b)
+        # As in the seed, "neumann" with n iterations sums the series up to the power n
+        # (n + 1 terms); "picard" runs n iterations (n terms).
+        max_steps = n + 1 if self.bwd_solver == "neumann" else n
+        return fp.linear.solver_from_name(self.bwd_solver, max_steps=max_steps, **kwargs)
 
     def _deq(self, f: Callable) -> DEQ:
         return DEQ(

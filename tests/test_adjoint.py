@@ -2,6 +2,8 @@
 closed form, finite differences and unrolled differentiation; backward statistics;
 approximate gradients."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ import pytest
 import fixedpoint as fp
 
 
-TOL = dict(rtol=1e-11, atol=1e-12)
+TOL: dict[str, Any] = dict(rtol=1e-11, atol=1e-12)
 FORWARD = {
     "anderson": fp.Anderson(**TOL),
     "broyden": fp.Broyden(**TOL),
@@ -298,18 +300,18 @@ def test_phantom_and_jacobian_free():
 
     # JFB: (d f / d b)^T c = c.
     np.testing.assert_allclose(grad_b(fp.JacobianFreeAdjoint()), c, rtol=1e-12)
-    # Phantom with k steps and damping lam: lam * sum_{i<k} ((1-lam) I + lam A^T)^i c.
+    # Phantom with k steps and damping beta = lam: lam * sum_{i<k} ((1-lam) I + lam A^T)^i c.
     for k, lam in [(3, 0.5), (7, 0.8)]:
         m = (1 - lam) * eye + lam * a.T
         expected = lam * sum(jnp.linalg.matrix_power(m, i) @ c for i in range(k))
-        np.testing.assert_allclose(grad_b(fp.PhantomAdjoint(steps=k, damping=lam)), expected, rtol=1e-10)
+        np.testing.assert_allclose(grad_b(fp.PhantomAdjoint(steps=k, beta=lam)), expected, rtol=1e-10)
     # Many undamped steps converge to the exact implicit gradient.
     exact = jnp.linalg.solve((eye - a).T, c)
-    np.testing.assert_allclose(grad_b(fp.PhantomAdjoint(steps=200, damping=1.0)), exact, rtol=1e-9)
+    np.testing.assert_allclose(grad_b(fp.PhantomAdjoint(steps=200, beta=1.0)), exact, rtol=1e-9)
     with pytest.raises(ValueError, match="steps"):
         fp.PhantomAdjoint(steps=0)
-    with pytest.raises(ValueError, match="damping"):
-        fp.PhantomAdjoint(damping=1.5)
+    with pytest.raises(ValueError, match="beta"):
+        fp.PhantomAdjoint(beta=1.5)
 
 
 def test_approximate_adjoint_statistics_are_per_sample():

@@ -6,6 +6,7 @@ listed there but missing, and an example (``python exec="on"`` block) that raise
 this one build checks the API reference, the pages and every example of the site.
 """
 
+import importlib
 import importlib.util
 import inspect
 import os
@@ -19,6 +20,7 @@ import pytest
 import fixedpoint
 import fixedpoint.linear
 import fixedpoint_deq
+
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -66,12 +68,25 @@ def _documented() -> set[str]:
     return found
 
 
+def _resolve(path: str):
+    module_name, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
+
+
 def test_every_public_name_is_documented():
     public = (
         _public_names(fixedpoint) + _public_names(fixedpoint.linear) + _public_names(fixedpoint_deq)
     )
     assert "fixedpoint.Anderson" in public and "fixedpoint_deq.DEQ" in public
-    missing = [name for name in public if name not in _documented()]
+    documented = _documented()
+    # A re-export or an alias (`fixedpoint_deq.backward_stats` is
+    # `fixedpoint.backward_stats`) is documented where the same object is.
+    documented_objects = [_resolve(name) for name in documented]
+    missing = [
+        name
+        for name in public
+        if name not in documented and not any(_resolve(name) is obj for obj in documented_objects)
+    ]
     assert not missing, f"public names without a `::: name` block in docs/api/: {missing}"
 
 
@@ -98,7 +113,15 @@ def test_site_builds_strictly(tmp_path):
     )
     log = proc.stdout + proc.stderr
     warnings = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
-    assert proc.returncode == 0, "mkdocs build --strict failed:\n" + "\n".join(warnings or [log[-5000:]])
-    for page in ("index.html", "how-to-choose/index.html", "api/root_finders/index.html",
-                 "examples/deq_training/index.html", "benchmarks/index.html", "porting/index.html"):
+    assert proc.returncode == 0, "mkdocs build --strict failed:\n" + "\n".join(
+        warnings or [log[-5000:]]
+    )
+    for page in (
+        "index.html",
+        "how-to-choose/index.html",
+        "api/root_finders/index.html",
+        "examples/deq_training/index.html",
+        "benchmarks/index.html",
+        "porting/index.html",
+    ):
         assert (tmp_path / "site" / page).is_file(), page

@@ -220,7 +220,7 @@ def test_small_set_loads_without_verify(tmp_path: Path) -> None:
     ids=["count-mismatch", "label-range", "label-dtype", "image-ndim"],
 )
 def test_structure_checks(tmp_path: Path, override: dict[str, bytes], what: str) -> None:
-    _write_set(tmp_path, **override)
+    _write_set(tmp_path, **override)  # pyright: ignore[reportArgumentType]
     with pytest.raises(MNISTDataError, match=what):
         load_mnist(tmp_path, verify=False)
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -34,7 +35,7 @@ needs_data = pytest.mark.skipif(
 )
 
 # A small, fast setting shared by the training tests (so they share one compilation).
-SMALL = dict(
+SMALL: dict[str, Any] = dict(
     width=8, batch_size=32, eval_batch_size=128, max_steps=8, epochs=2, lr=3e-3,
     warmup_steps=4, train_subset=256, test_subset=128, seed=3,
 )
@@ -119,7 +120,7 @@ def test_layer_gradients_match_finite_differences():
             e = jnp.zeros_like(flat).at[i].set(eps)
             fd = (loss(unravel(flat + e)) - loss(unravel(flat - e))) / (2 * eps)
             np.testing.assert_allclose(flat_grad[i], fd, rtol=1e-5, atol=1e-7)
-    assert not jax.config.jax_enable_x64
+    assert not jax.config.jax_enable_x64  # pyright: ignore[reportAttributeAccessIssue]
 
 
 # --------------------------------------------------------------------------- training
@@ -188,7 +189,7 @@ def test_non_finite_batch_skips_the_update(digits, tmp_path):
     config = tr.Config(**SMALL)
     model = tr.make_model(config)
     # The step the runs of this file use (already compiled).
-    step, _, optimizer = tr._compiled_steps(config, 16)
+    step, _, optimizer = tr.compiled_steps(config, 16)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     x = np.array(train_x[:32])
     x[5] = np.nan
@@ -197,7 +198,7 @@ def test_non_finite_batch_skips_the_update(digits, tmp_path):
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     model, opt_state = tr.replicate(model, mesh), tr.replicate(opt_state, mesh)
     new_model, new_state, metrics = step(
-        model, opt_state, tr._put(x, sharding), tr._put(train_y[:32], sharding),
+        model, opt_state, tr.put(x, sharding), tr.put(train_y[:32], sharding),
         jax.random.key(0),
     )
     assert not bool(metrics["finite"])
@@ -246,7 +247,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
         model = tr.replicate(tr.make_model(config), mesh)
         opt_state = tr.replicate(optimizer.init(eqx.filter(model, eqx.is_inexact_array)), mesh)
         sh = NamedSharding(mesh, P("batch"))
-        xs, ys = tr._put(x, sh), tr._put(y, sh)
+        xs, ys = tr.put(x, sh), tr.put(y, sh)
         assert len(xs.sharding.device_set) == len(devices)
         model, opt_state, m = step(model, opt_state, xs, ys, jax.random.key(0))
         leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
@@ -297,7 +298,7 @@ def test_help_lists_every_option():
         "--data-dir", "--epochs", "--batch-size", "--lr", "--solver", "--anderson-m",
         "--beta", "--broyden-memory", "--max-steps", "--fwd-tol", "--backward",
         "--backward-solver", "--backward-max-steps", "--backward-tol", "--phantom-steps",
-        "--phantom-damping", "--jac-reg", "--width", "--seed", "--checkpoint-dir",
+        "--phantom-beta", "--jac-reg", "--width", "--seed", "--checkpoint-dir",
         "--resume", "--train-subset", "--test-subset", "--quick", "--out-dir",
         "--distributed", "../shared/data/mnist",
     ):
@@ -336,3 +337,35 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert not np.array_equal(a, tr.epoch_order(0, 4, 100))
     assert not np.array_equal(a, tr.epoch_order(1, 3, 100))
     assert sorted(a.tolist()) == list(range(100))
+
+
+def test_cli_options_are_the_config_fields():
+    """The parser is derived from `Config`: one option per field, with its help text."""
+    import dataclasses
+
+    from fixedpoint_deq.mnist.__main__ import build_parser
+
+    parser = build_parser()
+    options = {a.dest for a in parser._actions if a.option_strings} - {"help"}
+    fields = {f.name for f in dataclasses.fields(tr.Config)}
+    assert options == fields | {"quick", "no_progress"}
+    for f in dataclasses.fields(tr.Config):
+        assert f.metadata["help"], f.name
+
+
+def test_config_refuses_bad_values_naming_them():
+    for kwargs, name in [
+        (dict(lr="1e-3"), "lr"),
+        (dict(epochs=True), "epochs"),
+        (dict(phantom_beta=0.0), "phantom_beta"),
+        (dict(train_subset=0), "train_subset"),
+        (dict(solver="newton"), "solver"),
+    ]:
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            tr.Config(**kwargs).check()
+    tr.Config(train_subset=None, lr=np.float32(1e-3)).check()  # pyright: ignore[reportArgumentType]
+
+
+def test_config_from_a_checkpoint_of_an_earlier_version():
+    config = tr.Config.from_dict({"phantom_damping": 0.25, "width": 4, "unknown": 1})
+    assert config.phantom_beta == 0.25 and config.width == 4

@@ -1,5 +1,6 @@
-"""What the three methods share: validation, the stopping rule, divergence and
-non-finite detection, the best-iterate fallback and the residual trace.
+"""What the three methods share: the stopping rule, divergence and non-finite
+detection, the best-iterate fallback and the residual trace (the shared methods are
+those of [`fixedpoint.AbstractFixedPointRootFinder`][], in `_base.py`).
 
 Every solver in this package solves the root problem ``g(y) = 0``. When it is called
 through `optx.fixed_point(f, ...)`, optimistix passes ``g(y) = f(y) - y``, so ``y +
@@ -8,7 +9,6 @@ exactly once, so ``sol.stats["num_steps"]`` is also the number of evaluations of
 ``g`` (and of ``f``).
 """
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,52 +19,6 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
-
-
-# ----------------------------------------------------------------------------------
-# Hyperparameter validation (raised at construction, from `__check_init__`).
-
-
-def check_real(
-    name: str,
-    value: Any,
-    *,
-    low: float = -math.inf,
-    high: float = math.inf,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """Raise `ValueError` naming `name` unless `value` is a real number in range."""
-    left = "(" if low_open else "["
-    right = ")" if high_open else "]"
-    allowed = f"{left}{low}, {high}{right}"
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"`{name}` must be a real number in {allowed}, got {value!r}."
-        ) from None
-    ok = not math.isnan(v)
-    ok = ok and (v > low if low_open else v >= low)
-    ok = ok and (v < high if high_open else v <= high)
-    if not ok:
-        raise ValueError(f"`{name}` must lie in {allowed}, got {value!r}.")
-
-
-def check_int(name: str, value: Any, *, low: int) -> None:
-    """Raise `ValueError` naming `name` unless `value` is an integer >= `low`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
-
-
-def check_common(solver: Any) -> None:
-    """Validate the fields every solver of this package has."""
-    check_real("rtol", solver.rtol, low=0.0)
-    check_real("atol", solver.atol, low=0.0)
-    if not callable(solver.norm):
-        raise ValueError(f"`norm` must be a callable PyTree -> scalar, got {solver.norm!r}.")
-    check_real("divergence_factor", solver.divergence_factor, low=1.0, low_open=True)
-    check_int("trace_length", solver.trace_length, low=0)
 
 
 # ----------------------------------------------------------------------------------
@@ -85,7 +39,7 @@ def check_structure(y: PyTree, f_struct: PyTree) -> None:
         )
 
 
-def start(y: PyTree, f_struct: PyTree) -> Array:
+def flatten_initial(y: PyTree, f_struct: PyTree) -> Array:
     """The common start of every `init`: check the function's output structure and
     return `y` flattened in the solvers' working dtype."""
     check_structure(y, f_struct)
@@ -202,7 +156,9 @@ def update_progress(
     )
 
 
-def terminate(progress: Progress) -> tuple[Bool[Array, ""], optx.RESULTS]:
+def termination_result(progress: Progress) -> tuple[Bool[Array, ""], optx.RESULTS]:
+    """`(done, result)` of the last evaluated point: stop on convergence, divergence or
+    non-finite values, with the matching `optx.RESULTS` code."""
     result = optx.RESULTS.where(
         progress.nonfinite,
         optx.RESULTS.nonfinite,
@@ -216,10 +172,10 @@ def terminate(progress: Progress) -> tuple[Bool[Array, ""], optx.RESULTS]:
     return done, result
 
 
-def postprocess(
+def select_output(
     y: PyTree, progress: Progress, result: optx.RESULTS, trace_length: int
 ) -> tuple[PyTree, dict[str, Any]]:
-    """Choose what to return.
+    """Choose what to return, and the statistics.
 
     - success: the converged point (its residual is `stats["residual_norm"]`);
     - out of steps: the final iterate, as after a fixed number of iterations (so that
@@ -242,41 +198,3 @@ def postprocess(
     if trace_length > 0:
         stats["residual_trace"] = progress.trace
     return y_out, stats
-
-
-class FixedPointRootFinder(optx.AbstractRootFinder):
-    """Shared `terminate`/`postprocess` of this package's root finders. Subclasses
-    declare the fields `rtol`, `atol`, `norm`, `divergence_factor`, `trace_length`
-    and keep a `progress: Progress` in their state."""
-
-    def terminate(self, fn, y, args, options, state, tags):
-        del fn, y, args, options, tags
-        return terminate(state.progress)
-
-    def postprocess(self, fn, y, aux, args, options, state, tags, result):
-        del fn, args, options, tags
-        y_out, stats = postprocess(y, state.progress, result, self.trace_length)
-        return y_out, aux, stats
-
-    def _evaluate(self, fn, y, args, progress: Progress):
-        """Evaluate g once at y; return (flat y, flat r, aux, updated progress)."""
-        r, aux = fn(y, args)
-        dtype = progress.y_best.dtype
-        y_flat = ravel(y, dtype)
-        r_flat = ravel(r, dtype)
-        progress = update_progress(
-            progress,
-            y,
-            r,
-            y_flat,
-            r_flat,
-            rtol=self.rtol,
-            atol=self.atol,
-            norm=self.norm,
-            divergence_factor=self.divergence_factor,
-        )
-        return y_flat, r_flat, aux, progress
-
-    def _next_y(self, y, y_next_flat, progress: Progress):
-        """Stay on a converged point (its residual is the one reported)."""
-        return tree_where(progress.converged, y, unravel_like(y_next_flat, y))

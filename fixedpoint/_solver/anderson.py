@@ -7,15 +7,9 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-from ._common import (
-    check_common,
-    check_int,
-    check_real,
-    FixedPointRootFinder,
-    init_progress,
-    Progress,
-    start,
-)
+from .._validate import as_int, check_int, check_real
+from ._base import AbstractFixedPointRootFinder, Aux, Fn, Out, Y
+from ._common import flatten_initial, init_progress, Progress
 
 
 class _AndersonState(eqx.Module):
@@ -64,7 +58,7 @@ def anderson_coefficients(
     return gamma
 
 
-class Anderson(FixedPointRootFinder):
+class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
     r"""Anderson acceleration (type II, Walker and Ni 2011), as a root finder.
 
     For the root problem $g(y) = 0$ (for `optx.fixed_point`, $g(y) = f(y) - y$) write
@@ -112,15 +106,14 @@ class Anderson(FixedPointRootFinder):
     rtol: float = 1e-4
     atol: float = 1e-6
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    m: int = 5
+    m: int = eqx.field(default=5, converter=as_int)
     beta: float = 1.0
     regularisation: float = 1e-8
     safeguard_factor: float = 1e2
     divergence_factor: float = 1e4
-    trace_length: int = 0
+    trace_length: int = eqx.field(default=0, converter=as_int)
 
-    def __check_init__(self):
-        check_common(self)
+    def __check_init__(self) -> None:
         check_int("m", self.m, low=1)
         check_real("beta", self.beta, low=0.0, high=1.0, low_open=True)
         check_real("regularisation", self.regularisation, low=0.0)
@@ -128,8 +121,8 @@ class Anderson(FixedPointRootFinder):
 
     def init(
         self,
-        fn,
-        y: PyTree,
+        fn: Fn[Y, Out, Aux],
+        y: Y,
         args: PyTree,
         options: dict[str, Any],
         f_struct: PyTree[jax.ShapeDtypeStruct],
@@ -137,7 +130,7 @@ class Anderson(FixedPointRootFinder):
         tags: frozenset[object],
     ) -> _AndersonState:
         del fn, args, options, aux_struct, tags
-        y_flat = start(y, f_struct)
+        y_flat = flatten_initial(y, f_struct)
         n = y_flat.size
         zeros = jnp.zeros((self.m, n), y_flat.dtype)
         return _AndersonState(
@@ -154,13 +147,21 @@ class Anderson(FixedPointRootFinder):
             progress=init_progress(y_flat, self.trace_length),
         )
 
-    def step(self, fn, y, args, options, state: _AndersonState, tags):
+    def step(
+        self,
+        fn: Fn[Y, Out, Aux],
+        y: Y,
+        args: PyTree,
+        options: dict[str, Any],
+        state: _AndersonState,
+        tags: frozenset[object],
+    ) -> tuple[Y, _AndersonState, Aux]:
         del options, tags
         best_before = state.progress.best_norm
         y_k, r_k, aux, progress = self._evaluate(fn, y, args, state.progress)
         dtype = y_k.dtype
         beta = jnp.asarray(self.beta, dtype)
-        reg = jnp.asarray(max(self.regularisation, 10 * float(jnp.finfo(dtype).eps)), dtype)
+        reg = jnp.maximum(jnp.asarray(self.regularisation, dtype), 10 * jnp.finfo(dtype).eps)
 
         # Safeguard: reject a point whose residual blew up; restart from the best.
         reject = (
@@ -218,7 +219,9 @@ Anderson.__init__.__doc__ = """**Arguments:**
 - `norm`: a function `PyTree -> scalar` used by the stopping rule and in the
     statistics, e.g. `optx.max_norm` (default), `optx.rms_norm`, `optx.two_norm`.
 - `m`: history size (>= 1): how many past differences the extrapolation uses.
-- `beta`: mixing (damping) parameter in (0, 1]; 1 mixes in the full map value.
+- `beta`: mixing (damping) parameter in (0, 1]; 1 mixes in the full map value (as
+    for [`fixedpoint.Neumann`][], the weight of the new map value: `1 - damp` in
+    optimistix's terms).
 - `regularisation`: (>= 0) relative Tikhonov regularisation of the least-squares
     problem (floored at 10 x machine epsilon of the working dtype).
 - `safeguard_factor`: (> 1) restart from the best iterate when a residual exceeds this

@@ -7,15 +7,9 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-from ._common import (
-    check_common,
-    check_int,
-    check_real,
-    FixedPointRootFinder,
-    init_progress,
-    Progress,
-    start,
-)
+from .._validate import as_bool, as_int, check_bool, check_int, check_real
+from ._base import AbstractFixedPointRootFinder, Aux, Fn, Out, Y
+from ._common import flatten_initial, init_progress, Progress
 
 
 class _BroydenState(eqx.Module):
@@ -42,7 +36,7 @@ def _apply_t(u, v, valid, beta, x):
     return -beta * x + jnp.where(valid, u @ x, 0) @ v
 
 
-class Broyden(FixedPointRootFinder):
+class Broyden(AbstractFixedPointRootFinder[Y, Out, Aux, _BroydenState]):
     r"""Broyden's ("good") quasi-Newton method with a limited-memory inverse Jacobian.
 
     Solves $g(y) = 0$ (for `optx.fixed_point`, $g(y) = f(y) - y$). An approximation
@@ -81,25 +75,23 @@ class Broyden(FixedPointRootFinder):
     rtol: float = 1e-4
     atol: float = 1e-6
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    memory: int = 30
+    memory: int = eqx.field(default=30, converter=as_int)
     beta: float = 1.0
-    line_search: bool = False
-    max_backtracks: int = 5
+    line_search: bool = eqx.field(default=False, converter=as_bool)
+    max_backtracks: int = eqx.field(default=5, converter=as_int)
     divergence_factor: float = 1e4
-    trace_length: int = 0
+    trace_length: int = eqx.field(default=0, converter=as_int)
 
-    def __check_init__(self):
-        check_common(self)
+    def __check_init__(self) -> None:
         check_int("memory", self.memory, low=1)
         check_real("beta", self.beta, low=0.0, high=1.0, low_open=True)
-        if not isinstance(self.line_search, bool):
-            raise ValueError(f"`line_search` must be a bool, got {self.line_search!r}.")
+        check_bool("line_search", self.line_search)
         check_int("max_backtracks", self.max_backtracks, low=0)
 
     def init(
         self,
-        fn,
-        y: PyTree,
+        fn: Fn[Y, Out, Aux],
+        y: Y,
         args: PyTree,
         options: dict[str, Any],
         f_struct: PyTree[jax.ShapeDtypeStruct],
@@ -107,7 +99,7 @@ class Broyden(FixedPointRootFinder):
         tags: frozenset[object],
     ) -> _BroydenState:
         del fn, args, options, aux_struct, tags
-        y_flat = start(y, f_struct)
+        y_flat = flatten_initial(y, f_struct)
         n = y_flat.size
         zeros = jnp.zeros((self.memory, n), y_flat.dtype)
         vec = jnp.zeros_like(y_flat)
@@ -124,7 +116,15 @@ class Broyden(FixedPointRootFinder):
             progress=init_progress(y_flat, self.trace_length),
         )
 
-    def step(self, fn, y, args, options, state: _BroydenState, tags):
+    def step(
+        self,
+        fn: Fn[Y, Out, Aux],
+        y: Y,
+        args: PyTree,
+        options: dict[str, Any],
+        state: _BroydenState,
+        tags: frozenset[object],
+    ) -> tuple[Y, _BroydenState, Aux]:
         del options, tags
         y_k, r_k, aux, progress = self._evaluate(fn, y, args, state.progress)
         dtype = y_k.dtype

@@ -6,21 +6,16 @@ import jax
 import optimistix as optx
 from jaxtyping import PyTree, Scalar
 
-from ._common import (
-    check_common,
-    check_real,
-    FixedPointRootFinder,
-    init_progress,
-    Progress,
-    start,
-)
+from .._validate import as_int, check_real
+from ._base import AbstractFixedPointRootFinder, Aux, Fn, Out, Y
+from ._common import flatten_initial, init_progress, Progress
 
 
 class _NeumannState(eqx.Module):
     progress: Progress
 
 
-class Neumann(FixedPointRootFinder):
+class Neumann(AbstractFixedPointRootFinder[Y, Out, Aux, _NeumannState]):
     r"""Damped Picard (Krasnosel'skii-Mann) iteration, as a root finder.
 
     For the root problem $g(y) = 0$ each step is
@@ -62,16 +57,15 @@ class Neumann(FixedPointRootFinder):
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     beta: float = 1.0
     divergence_factor: float = 1e4
-    trace_length: int = 0
+    trace_length: int = eqx.field(default=0, converter=as_int)
 
-    def __check_init__(self):
-        check_common(self)
+    def __check_init__(self) -> None:
         check_real("beta", self.beta, low=0.0, high=1.0, low_open=True)
 
     def init(
         self,
-        fn,
-        y: PyTree,
+        fn: Fn[Y, Out, Aux],
+        y: Y,
         args: PyTree,
         options: dict[str, Any],
         f_struct: PyTree[jax.ShapeDtypeStruct],
@@ -79,10 +73,18 @@ class Neumann(FixedPointRootFinder):
         tags: frozenset[object],
     ) -> _NeumannState:
         del fn, args, options, aux_struct, tags
-        y_flat = start(y, f_struct)
+        y_flat = flatten_initial(y, f_struct)
         return _NeumannState(init_progress(y_flat, self.trace_length))
 
-    def step(self, fn, y, args, options, state: _NeumannState, tags):
+    def step(
+        self,
+        fn: Fn[Y, Out, Aux],
+        y: Y,
+        args: PyTree,
+        options: dict[str, Any],
+        state: _NeumannState,
+        tags: frozenset[object],
+    ) -> tuple[Y, _NeumannState, Aux]:
         del options, tags
         y_flat, r_flat, aux, progress = self._evaluate(fn, y, args, state.progress)
         new_y = self._next_y(y, y_flat + self.beta * r_flat, progress)
@@ -96,7 +98,10 @@ Neumann.__init__.__doc__ = """**Arguments:**
     solver runs exactly `max_steps` steps (a truncated Neumann series).
 - `norm`: a function `PyTree -> scalar` used by the stopping rule and in the
     statistics, e.g. `optx.max_norm` (default), `optx.rms_norm`, `optx.two_norm`.
-- `beta`: damping in (0, 1]; 1 is plain fixed-point iteration.
+- `beta`: damping in (0, 1]; 1 is plain fixed-point iteration. `beta` weighs the new
+    map value, $y_{k+1} = \\beta f(y_k) + (1 - \\beta) y_k$: optimistix's
+    `optx.FixedPointIteration(damp=...)` weighs the old iterate instead, so
+    `beta = 1 - damp`.
 - `divergence_factor`: (> 1) declare divergence when the residual norm exceeds this
     multiple of the smallest one seen.
 - `trace_length`: (>= 0) record the residual norm of the first `trace_length` steps in

@@ -80,6 +80,7 @@ def _conv3x3_jvp(primals, tangents):
 
 def _hwio(conv: eqx.nn.Conv2d) -> tuple[Array, Array]:
     """Kernel (3, 3, I, O) and bias (O,) of an `eqx.nn.Conv2d` (weight O, I, 3, 3)."""
+    assert conv.bias is not None  # the cell's convolutions have biases
     return jnp.transpose(conv.weight, (2, 3, 1, 0)), conv.bias.reshape(-1)
 
 

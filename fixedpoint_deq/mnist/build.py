@@ -1,0 +1,85 @@
+"""The model, its solvers and the optimiser of a training run, built from a `Config`."""
+
+from __future__ import annotations
+
+from typing import Any, cast, Literal
+
+import jax
+import jax.tree_util as jtu
+import optax
+import optimistix as optx
+
+import fixedpoint as fp
+
+from .config import Config
+from .model import DEQClassifier
+
+
+def make_solver(config: Config) -> fp.AbstractFixedPointRootFinder:
+    """The forward root finder. Its stopping rule is relative, in the RMS norm:
+    ``rms(r / (tol + tol * |z|)) < 1``."""
+    kwargs: dict[str, Any] = dict(
+        rtol=config.fwd_tol, atol=config.fwd_tol, norm=optx.rms_norm, beta=config.beta
+    )
+    kwargs.update(_history(config, config.solver))
+    return fp.solver_from_name(config.solver, **kwargs)
+
+
+def make_adjoint(config: Config) -> optx.AbstractAdjoint:
+    """The backward pass. For `implicit`, the backward linear solve stops on a purely
+    relative rule (the cotangent's scale depends on the batch size, so an absolute
+    tolerance would be meaningless): ``rms(r / (1e-9 + tol * |w|)) < 1``."""
+    if config.backward == "jfb":
+        return fp.JacobianFreeAdjoint()
+    if config.backward == "phantom":
+        return fp.PhantomAdjoint(steps=config.phantom_steps, beta=config.phantom_beta)
+    kwargs: dict[str, Any] = dict(
+        rtol=config.backward_tol,
+        atol=1e-9,
+        max_steps=config.backward_max_steps,
+        norm=optx.rms_norm,
+    )
+    kwargs.update(_history(config, config.backward_solver))
+    linear_solver = fp.linear.solver_from_name(config.backward_solver, **kwargs)
+    return fp.ImplicitAdjoint(linear_solver, throw=False)
+
+
+def _history(config: Config, name: str) -> dict[str, Any]:
+    """The history setting of the solver `name` (Anderson's m, Broyden's memory)."""
+    if name == "anderson":
+        return dict(m=config.anderson_m)
+    if name == "broyden":
+        return dict(memory=config.broyden_memory)
+    return {}
+
+
+def make_model(config: Config, key: jax.Array | None = None) -> DEQClassifier:
+    """The classifier, initialised from `key` (default: derived from `config.seed`)."""
+    if key is None:
+        key = jax.random.fold_in(jax.random.key(config.seed), 10**6)
+    return DEQClassifier(
+        config.width,
+        solver=make_solver(config),
+        adjoint=make_adjoint(config),
+        max_steps=config.max_steps,
+        groups=config.groups,
+        head=cast(Literal["mean", "pool4"], config.head),  # checked by Config.check
+        key=key,
+    )
+
+
+def _decay_mask(params):
+    # Weight decay on the convolution and linear weights only (not biases or norms).
+    return jtu.tree_map(lambda x: x is not None and x.ndim >= 2, params)
+
+
+def make_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
+    """Gradient clipping, then AdamW on a linear-warmup + cosine-decay schedule."""
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.lr, warmup, max(total_steps, warmup + 1), end_value=config.lr * 1e-2
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(schedule, weight_decay=config.weight_decay, mask=_decay_mask),
+    )

@@ -1,0 +1,130 @@
+"""The jitted training and evaluation steps.
+
+`compiled_steps(config, total_steps)` returns the steps of a run: runs whose settings
+differ only in what does not enter a step (`config.NOT_IN_STEP`: data, epochs, output...)
+get the same jitted functions, and so share their compilations (the test suite relies on
+this). The sharing is an explicit, bounded `functools.lru_cache` keyed on those settings.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import optax
+
+from fixedpoint import backward_stats, without_backward_stats
+
+from .build import make_optimizer
+from .config import Config
+from .inputs import shift_image
+
+
+def _tree_all_finite(tree) -> jax.Array:
+    leaves = [
+        jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> Callable:
+    """``step(model, opt_state, images, labels, key) -> (model, opt_state, metrics)``,
+    jitted. `metrics` holds batch means (``loss`` = cross-entropy, ``acc``,
+    ``fwd_steps``, ``fwd_converged``, ``jac_reg``, ``bwd_steps``) and ``finite``
+    (whether the update was applied: a step whose loss or gradient is not finite
+    leaves the model and the optimiser state unchanged)."""
+    jac_weight = float(config.jac_reg)
+    use_reg = jac_weight > 0
+    max_shift = int(config.augment_shift)
+
+    def loss_fn(model, images, labels, key):
+        batch = images.shape[0]
+        keys = jax.random.split(key, 2 * batch)
+        if max_shift:
+            images = jax.vmap(lambda im, k: shift_image(im, k, max_shift))(images, keys[batch:])
+        logits, record = jax.vmap(lambda im, k: model(im, key=k, jac_reg=use_reg))(
+            images, keys[:batch]
+        )
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        total = jnp.mean(ce) + jac_weight * jnp.mean(record.jac_reg)
+        aux = dict(
+            loss=jnp.mean(ce),
+            acc=jnp.mean(jnp.argmax(logits, -1) == labels),
+            fwd_steps=jnp.mean(record.num_steps),
+            fwd_converged=jnp.mean(record.converged),
+            jac_reg=jnp.mean(record.jac_reg),
+        )
+        return total, aux
+
+    @eqx.filter_jit
+    def step(model, opt_state, images, labels, key):
+        (total, aux), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(
+            model, images, labels, key
+        )
+        stats = backward_stats(grads)
+        assert stats is not None  # every adjoint of `make_adjoint` carries statistics
+        grads = without_backward_stats(grads)
+        finite = jnp.isfinite(total) & _tree_all_finite(grads)
+        params = eqx.filter(model, eqx.is_inexact_array)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_model = eqx.apply_updates(model, updates)
+
+        def select(new, old):
+            return jtu.tree_map(
+                lambda a, b: jnp.where(finite, a, b) if eqx.is_array(a) else a, new, old
+            )
+
+        model = select(new_model, model)
+        opt_state = select(new_opt_state, opt_state)
+        batch = images.shape[0]
+        # Backward statistics are summed over the vmapped batch: take the mean.
+        bwd_steps = stats.num_steps / batch
+        aux["bwd_steps"] = jnp.asarray(bwd_steps, jnp.float32)
+        aux["total"] = total
+        aux["finite"] = finite
+        return model, opt_state, aux
+
+    return step
+
+
+def make_eval_step(config: Config) -> Callable:
+    """``evaluate(model, images, labels, mask) -> sums`` of ``loss``, ``correct``,
+    ``fwd_steps``, ``fwd_converged`` and ``count`` over the unmasked samples."""
+    del config
+
+    @eqx.filter_jit
+    def evaluate(model, images, labels, mask):
+        logits, record = jax.vmap(lambda im: model(im))(images)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        w = mask.astype(jnp.float32)
+        return dict(
+            loss=jnp.sum(jnp.where(mask, ce, 0.0)),
+            correct=jnp.sum(w * (jnp.argmax(logits, -1) == labels)),
+            fwd_steps=jnp.sum(w * record.num_steps),
+            fwd_converged=jnp.sum(w * record.converged),
+            count=jnp.sum(w),
+        )
+
+    return evaluate
+
+
+def compiled_steps(
+    config: Config, total_steps: int
+) -> tuple[Callable, Callable, optax.GradientTransformation]:
+    """``(train_step, eval_step, optimizer)`` of a run of `total_steps` steps, shared by
+    runs with the same step settings (`Config.step_settings`)."""
+    return _steps_for(config.step_settings(), total_steps)
+
+
+@functools.lru_cache(maxsize=8)
+def _steps_for(
+    settings: tuple[tuple[str, Any], ...], total_steps: int
+) -> tuple[Callable, Callable, optax.GradientTransformation]:
+    config = Config(**dict(settings))
+    optimizer = make_optimizer(config, total_steps)
+    return make_train_step(config, optimizer), make_eval_step(config), optimizer

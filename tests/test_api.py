@@ -1,0 +1,292 @@
+"""The package's public surface: hyperparameter validation (one set of rules for every
+class), the name-to-solver factories, the linear solvers' repr, the homes of the
+backward-statistics helpers, the seed API's construction, the version and the wheel's
+contents."""
+
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import optimistix as optx
+import pytest
+
+import fixedpoint as fp
+import fixedpoint_deq
+from fixedpoint_deq import DEQ, FixedPointSolver
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ROOT_FINDERS = (fp.Anderson, fp.Broyden, fp.Neumann)
+LINEAR_SOLVERS = (fp.linear.Anderson, fp.linear.Broyden, fp.linear.Neumann)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("cls", ROOT_FINDERS, ids=lambda c: c.__name__)
+def test_traced_tolerances_are_accepted_under_jit(cls):
+    """As `optx.FixedPointIteration(atol=x)` under `jit`: a tolerance that is a traced
+    value is accepted (its range cannot be checked) and used by the stopping rule."""
+
+    @jax.jit
+    def solve(tol):
+        solver = cls(rtol=tol, atol=tol, beta=tol * 0 + 1.0)
+        sol = optx.fixed_point(lambda y, _: jnp.cos(y), solver, jnp.zeros(3), max_steps=200)
+        return sol.value, sol.stats["num_steps"]
+
+    _, loose_steps = solve(jnp.asarray(1e-1))
+    tight_value, tight_steps = solve(jnp.asarray(1e-6))
+    np.testing.assert_allclose(tight_value, 0.7390851332, rtol=1e-5)
+    assert int(loose_steps) < int(tight_steps)
+
+
+def test_traced_hyperparameters_of_linear_solvers_and_adjoints_are_accepted():
+    @jax.jit
+    def build_and_solve(tol, beta):
+        solver = fp.linear.Neumann(rtol=tol, atol=tol, beta=beta, max_steps=100)
+        operator = lx.MatrixLinearOperator(jnp.diag(jnp.array([-1.0, -2.0])))
+        phantom = fp.PhantomAdjoint(steps=3, beta=beta)
+        del phantom
+        return lx.linear_solve(operator, jnp.ones(2), solver, throw=False).value
+
+    np.testing.assert_allclose(build_and_solve(1e-6, 0.5), [-1.0, -0.5], rtol=1e-4)
+
+
+def test_numpy_scalars_and_zero_d_arrays_are_accepted():
+    # (The annotations say `int` / `float`; NumPy scalars are accepted all the same.)
+    solver = fp.Anderson(m=np.int64(5), rtol=np.float32(1e-3), atol=np.array(1e-6))  # pyright: ignore[reportArgumentType]
+    assert type(solver.m) is int and solver.m == 5
+    assert type(fp.Broyden(memory=np.int32(7)).memory) is int
+    assert type(fp.Neumann(trace_length=np.array(4)).trace_length) is int
+    assert type(fp.linear.Anderson(max_steps=np.int64(9)).max_steps) is int  # pyright: ignore[reportArgumentType]
+    assert type(fp.PhantomAdjoint(steps=np.int16(2)).steps) is int
+    assert fp.Broyden(line_search=np.bool_(True)).line_search is True
+    assert type(DEQ(lambda z, x: z, max_steps=np.int64(4)).max_steps) is int
+    assert type(FixedPointSolver(anderson_m=np.int64(2)).anderson_m) is int
+    # They work inside a jitted solve (the integers stay static).
+    sol = eqx.filter_jit(
+        lambda s: optx.fixed_point(lambda y, _: 0.5 * y + 1.0, s, jnp.zeros(2), max_steps=50)
+    )(solver)
+    np.testing.assert_allclose(sol.value, 2.0, rtol=1e-2)
+
+
+BAD = [
+    (fp.Anderson, dict(rtol="1e-3"), "rtol", "a str"),
+    (fp.Anderson, dict(atol="0"), "atol", "a str"),
+    (fp.Anderson, dict(m="5"), "`m`", "a str"),
+    (fp.Anderson, dict(m=True), "`m`", "a bool"),
+    (fp.Anderson, dict(m=5.0), "`m`", "a float"),
+    (fp.Anderson, dict(beta=True), "beta", "a bool"),
+    (fp.Anderson, dict(rtol=float("nan")), "rtol", ">= 0"),
+    (fp.Anderson, dict(rtol=np.ones(2)), "rtol", "ndarray"),
+    (fp.Anderson, dict(beta=1.5), "beta", r"in \(0, 1\]"),
+    (fp.Broyden, dict(line_search="yes"), "line_search", "True or False"),
+    (fp.Neumann, dict(divergence_factor=1.0), "divergence_factor", "> 1"),
+    (fp.Neumann, dict(norm="max"), "norm", "callable"),
+    (fp.linear.Neumann, dict(max_steps="3"), "max_steps", ">= 1"),
+    (fp.PhantomAdjoint, dict(beta="0.5"), "beta", r"in \(0, 1\]"),
+]
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, name, message", BAD, ids=[f"{c.__name__}-{list(k)[0]}" for c, k, *_ in BAD]
+)
+def test_invalid_values_are_refused_at_construction(cls, kwargs, name, message):
+    with pytest.raises(ValueError, match=name) as info:
+        cls(**kwargs)
+    assert re.search(message, str(info.value)), str(info.value)
+
+
+def test_traced_integers_are_refused_with_a_clear_message():
+    @jax.jit
+    def build(m):
+        return fp.Anderson(m=m).rtol
+
+    with pytest.raises(ValueError, match="`m` must be a concrete integer"):
+        build(3)
+
+
+def test_deq_and_seed_use_the_same_rules():
+    with pytest.raises(ValueError, match="`max_steps` must be an integer >= 1"):
+        DEQ(lambda z, x: z, max_steps=0)
+    with pytest.raises(ValueError, match="`init` must be one of"):
+        DEQ(lambda z, x: z, init="ones")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`anderson_b` must be a real number in"):
+        FixedPointSolver(anderson_b="0.5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`fwd_solver` must be one of 'anderson'"):
+        FixedPointSolver(fwd_solver="newton")
+    with pytest.raises(ValueError, match="`bwd_tol` must be a real number >= 0"):
+        FixedPointSolver(bwd_tol=-1.0)
+
+
+# --------------------------------------------------------------------------- factories
+
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("anderson", fp.Anderson),
+        ("broyden", fp.Broyden),
+        ("neumann", fp.Neumann),
+        ("picard", fp.Neumann),
+    ],
+)
+def test_solver_from_name(name, cls):
+    solver = fp.solver_from_name(name, rtol=1e-3, beta=0.5)
+    assert isinstance(solver, fp.AbstractFixedPointRootFinder)
+    assert isinstance(solver, optx.AbstractRootFinder)
+    assert isinstance(solver, ROOT_FINDERS) and type(solver) is cls
+    assert solver.rtol == 1e-3 and solver.beta == 0.5
+    linear = fp.linear.solver_from_name(name, rtol=1e-3, max_steps=7, beta=0.5)
+    root = linear.root_finder
+    assert isinstance(root, ROOT_FINDERS) and type(root) is cls
+    assert linear.max_steps == 7 and root.beta == 0.5
+    assert isinstance(linear, lx.AbstractLinearSolver)
+
+
+def test_solver_from_name_refuses_unknown_names_listing_the_known_ones():
+    for factory in (fp.solver_from_name, fp.linear.solver_from_name):
+        with pytest.raises(ValueError, match="'anderson', 'broyden', 'neumann', 'picard'"):
+            factory("gmres")
+    with pytest.raises(TypeError):
+        fp.solver_from_name("neumann", m=5)  # Neumann has no history
+
+
+# --------------------------------------------------------------------------- reprs, homes
+
+
+def test_linear_solvers_repr_differs_from_the_root_finders():
+    for root_cls, linear_cls in zip(ROOT_FINDERS, LINEAR_SOLVERS):
+        linear_repr = repr(linear_cls())
+        root_repr = repr(root_cls())
+        assert linear_repr.startswith(f"{root_cls.__name__}LinearSolver(")
+        assert root_repr.startswith(f"{root_cls.__name__}(")
+        assert f"root_finder={root_cls.__name__}(" in linear_repr
+    assert fp.linear.Anderson is fp.linear.AndersonLinearSolver
+    adjoint = fp.ImplicitAdjoint(fp.linear.Anderson(m=3))
+    assert "AndersonLinearSolver(" in repr(adjoint)
+
+
+def test_backward_stats_live_in_fixedpoint_and_are_reexported():
+    assert fixedpoint_deq.backward_stats is fp.backward_stats
+    assert fixedpoint_deq.without_backward_stats is fp.without_backward_stats
+    stats = fp.BackwardStats(num_steps=2.0, residual_norm=0.5, failed=0.0)
+    grads = {"a": stats, "b": [jnp.ones(2), fp.BackwardStats(num_steps=3.0)]}
+    total = fp.backward_stats(grads)
+    assert total is not None and float(total.num_steps) == 5.0
+    assert float(total.residual_norm) == 0.5
+    stripped = fp.without_backward_stats(grads)
+    assert float(stripped["a"].num_steps) == 0.0
+    np.testing.assert_array_equal(stripped["b"][0], 1.0)
+    assert fp.backward_stats({"x": jnp.ones(1)}) is None
+
+
+def test_abstract_base_declares_the_required_fields():
+    class Incomplete(fp.AbstractFixedPointRootFinder):
+        rtol: float = 1e-3
+
+        def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+            raise NotImplementedError
+
+        def step(self, fn, y, args, options, state, tags):
+            raise NotImplementedError
+
+    with pytest.raises(TypeError):
+        Incomplete()  # pyright: ignore[reportCallIssue]  (atol, norm, ... are abstract)
+
+
+# --------------------------------------------------------------------------- the seed API
+
+
+@pytest.mark.parametrize("fwd", ["anderson", "broyden", "neumann", "picard"])
+@pytest.mark.parametrize("bwd", ["anderson", "broyden", "neumann", "picard"])
+def test_seed_solver_builds_every_pair_through_the_factories(fwd, bwd):
+    seed = FixedPointSolver(fwd_solver=fwd, bwd_solver=bwd, bwd_iterations=4, anderson_m=2)
+    forward = seed._forward_solver()
+    backward = seed._backward_solver()
+    assert isinstance(forward, fp.AbstractFixedPointRootFinder)
+    assert isinstance(backward, fp.linear.AbstractFixedPointLinearSolver)
+    # The seed's semantics: "neumann" sums n + 1 terms, the others run n steps.
+    assert backward.max_steps == (5 if bwd == "neumann" else 4)
+    if fwd == "anderson":
+        assert isinstance(forward, fp.Anderson)
+        assert forward.m == 2 and forward.beta == 0.5
+
+
+def test_seed_solver_runs():
+    seed = FixedPointSolver(fwd_solver="anderson", bwd_solver="neumann", fwd_iterations=30)
+    a = {"w": 0.3 * jnp.eye(3), "b": jnp.arange(3.0)}
+
+    def f(x, a):
+        return jnp.tanh(a["w"] @ x + a["b"])
+
+    x_star, jac_reg, stats = seed(f, jnp.zeros(3), a, jax.random.key(0))
+    np.testing.assert_allclose(x_star, f(x_star, a), atol=1e-3)
+    assert bool(stats["fwd_converged"]) and jnp.isfinite(jac_reg)
+
+
+# --------------------------------------------------------------------------- packaging
+
+
+def test_version_comes_from_one_place():
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in meta["project"] and "version" in meta["project"]["dynamic"]
+    assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fixedpoint.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", fp.__version__)
+    assert f"## {fp.__version__}" in (ROOT / "CHANGELOG.md").read_text()
+
+
+def test_wheel_ships_only_the_two_packages(tmp_path):
+    """Build the wheel (offline: no build isolation, setuptools of this environment)
+    and list its top-level names: `benchmarks` and `tests` must not be in it."""
+    # Offline, so without build isolation: the environment's setuptools must satisfy
+    # pyproject's build requirement (`.ci/run` upgrades it).
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip(f"setuptools {setuptools.__version__} < 77 (pyproject's build requirement)")
+    # A copy of the sources (with `benchmarks/` and `tests/` beside the packages, as in
+    # the repository), so that the build leaves nothing in the working tree.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    junk = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("fixedpoint", "fixedpoint_deq", "benchmarks", "tests"):
+        shutil.copytree(ROOT / name, src / name, ignore=junk)
+    dist = tmp_path / "dist"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(dist),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = dist.glob("fixedpoint-*.whl")
+    assert wheel.name.startswith(f"fixedpoint-{fp.__version__}-")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"fixedpoint", "fixedpoint_deq"}, top
+    assert "fixedpoint_deq/mnist/train.py" in names
+    assert "fixedpoint/_validate.py" in names
