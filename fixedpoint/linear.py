@@ -26,7 +26,7 @@ never materialise the matrix, and work on PyTree operators. Use them as
 With `rtol = atol = 0` a solver runs exactly `max_steps` steps from `u_0 = 0` (set
 `throw=False` in `lx.linear_solve`): `Neumann(rtol=0, atol=0, max_steps=k)` returns the
 truncated Neumann series $-\sum_{i<k} (A + I)^i b$, which for $A = J^\top - I$ is the
-seed project's truncated-series backward pass with $k$ terms.
+truncated-series backward pass of a fixed point with $k$ terms.
 """
 
 from typing import Any

@@ -41,7 +41,7 @@ class AbstractFixedPointRootFinder(optx.AbstractRootFinder[Y, Out, Aux, SolverSt
     what to return (documented on [`fixedpoint.Neumann`][]).
 
     A subclass declares the fields below and implements `init` and `step`; its solver
-    state must hold a `progress` (the bookkeeping of `fixedpoint._solver._common`),
+    state must hold a `progress` (the bookkeeping the three methods share),
     which `step` updates by evaluating $g$ through `self._evaluate` and which
     `terminate` and `postprocess` (implemented here) read.
 
