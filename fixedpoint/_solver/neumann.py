@@ -42,13 +42,17 @@ class Neumann(FixedPointRootFinder):
     $y_k$. One evaluation of $g$ per step, so `sol.stats["num_steps"]` counts them.
 
     **Failures:** a non-finite residual gives `RESULTS.nonfinite`; a residual norm
-    larger than `divergence_factor` times the best one so far gives
-    `RESULTS.nonlinear_divergence`; running out of steps gives
+    larger than `divergence_factor` times the best one so far at `divergence_patience`
+    evaluations in a row gives `RESULTS.nonlinear_divergence` (a single rise is not
+    failure; the other methods' safeguards act in between); running out of steps gives
     `RESULTS.nonlinear_max_steps_reached`. After non-finite values or divergence the best
     iterate evaluated is returned (y0 itself if the very first evaluation is
     non-finite; `sol.aux` is then still that of the last evaluation); after running out
     of steps, the final iterate (so `rtol = atol = 0` runs exactly `max_steps` steps, a
     fixed-iteration solver).
+
+    **Dtypes:** float16, bfloat16, float32, float64 and complex states (the residual
+    norms are real).
 
     **Statistics:** `sol.stats["residual_norm"]` is `norm(g(y))` at the last evaluated
     iterate: the returned `y` on success, the best one after non-finite values or
@@ -62,6 +66,7 @@ class Neumann(FixedPointRootFinder):
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     beta: float = 1.0
     divergence_factor: float = 1e4
+    divergence_patience: int = 3
     trace_length: int = 0
 
     def __check_init__(self):
@@ -97,8 +102,10 @@ Neumann.__init__.__doc__ = """**Arguments:**
 - `norm`: a function `PyTree -> scalar` used by the stopping rule and in the
     statistics, e.g. `optx.max_norm` (default), `optx.rms_norm`, `optx.two_norm`.
 - `beta`: damping in (0, 1]; 1 is plain fixed-point iteration.
-- `divergence_factor`: (> 1) declare divergence when the residual norm exceeds this
-    multiple of the smallest one seen.
+- `divergence_factor`: (> 1) a residual norm above this multiple of the smallest one
+    seen counts towards divergence.
+- `divergence_patience`: (>= 1) declare divergence after this many evaluations in a
+    row with a residual above `divergence_factor` x the smallest (default 3).
 - `trace_length`: (>= 0) record the residual norm of the first `trace_length` steps in
     `sol.stats["residual_trace"]`.
 """
