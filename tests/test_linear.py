@@ -103,3 +103,23 @@ def test_construction_errors():
     rect = lx.MatrixLinearOperator(jnp.ones((3, 2)))
     with pytest.raises(ValueError, match="square"):
         lx.linear_solve(rect, jnp.ones(3), fp.linear.Anderson())
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_nonfinite_operator_or_vector(name):
+    """An operator or right-hand side holding NaN or inf is reported as such
+    (lx.RESULTS.nonfinite_input: "received non-finite (NaN or inf) input"), not as a
+    breakdown with advice about GMRES's `restart`; a finite but non-contractive
+    problem is still a breakdown."""
+    m, b = _contraction(5, 0.5)
+    a = m - jnp.eye(5)
+    solver = SOLVERS[name]()
+    for op, vec in [
+        (lx.MatrixLinearOperator(a.at[1, 2].set(jnp.nan)), b),
+        (lx.MatrixLinearOperator(a.at[0, 0].set(jnp.inf)), b),
+        (lx.MatrixLinearOperator(a), b.at[3].set(jnp.nan)),
+    ]:
+        sol = lx.linear_solve(op, vec, solver, throw=False)
+        assert sol.result == lx.RESULTS.nonfinite_input
+        with pytest.raises(Exception, match="non-finite"):
+            lx.linear_solve(op, vec, solver)
