@@ -16,6 +16,7 @@ from .model import HEADS
 
 
 FORWARD_SOLVERS = ("anderson", "broyden", "neumann")
+NORMS = ("none", "weight", "spectral")
 BACKWARD_MODES = ("implicit", "jfb", "phantom")
 BACKWARD_SOLVERS = ("anderson", "broyden", "neumann")
 
@@ -25,11 +26,13 @@ GROUPS = (
     "model",
     "forward solver",
     "backward pass",
+    "DEQ toolkit",
     "output, resuming, devices",
 )
 
 # Settings that shape the model or the data stream: a resumed run must agree on them.
 RESUME_KEYS = ("width", "groups", "head", "seed", "batch_size", "train_subset", "augment_shift")
+RESUME_KEYS += ("norm", "dropout")  # they change the model's leaves
 
 # Settings that do not change the computation of a step (so runs differing only in
 # them share the jitted steps and their compilations).
@@ -187,6 +190,79 @@ class Config:
     seed: int = option(
         0, "data and schedule", "seed of initialisation, data order and probes (default {default})"
     )
+    # The DEQ toolkit (fixedpoint_deq): stabilisers, budgets, monitoring, reuse.
+    norm: str = option(
+        "none",
+        "DEQ toolkit",
+        "normalise the cell's convolution: 'weight' or 'spectral' normalisation "
+        "(default {default})",
+        choices=NORMS,
+    )
+    norm_target: float = option(
+        1.0,
+        "DEQ toolkit",
+        "target norm of --norm spectral (spectral norm of the kernel's matrix view) or "
+        "of a fixed-scale --norm weight (default {default})",
+    )
+    norm_clip: bool = option(
+        False, "DEQ toolkit", "--norm: only scale the weight down to the target, never up"
+    )
+    norm_learn_scale: bool = option(
+        False, "DEQ toolkit", "--norm weight: learn the row scales (default: fixed target)"
+    )
+    power_iterations: int = option(
+        1, "DEQ toolkit", "power-iteration steps per step of --norm spectral (default {default})"
+    )
+    dropout: float = option(
+        0.0,
+        "DEQ toolkit",
+        "variational channel dropout rate in the cell, in [0, 1): one mask per sample "
+        "per solve (default {default}: off)",
+    )
+    eval_max_steps: int | None = option(
+        None,
+        "DEQ toolkit",
+        "forward step budget at evaluation (default: --max-steps)",
+        metavar="N",
+    )
+    eval_fwd_tol: float | None = option(
+        None,
+        "DEQ toolkit",
+        "forward tolerance at evaluation (default: --fwd-tol)",
+        metavar="TOL",
+    )
+    jac_reg_every: int = option(
+        1,
+        "DEQ toolkit",
+        "compute the Jacobian regulariser on every N-th training step only (default {default})",
+        metavar="N",
+    )
+    spectral_radius_steps: int = option(
+        0,
+        "DEQ toolkit",
+        "log a power-iteration estimate (N JVPs) of the spectral radius of the cell's "
+        "Jacobian at the test fixed points (default {default}: off)",
+        metavar="N",
+    )
+    reuse_fixed_points: bool = option(
+        False,
+        "DEQ toolkit",
+        "warm-start each training example from its fixed point of the previous epoch "
+        "(a per-example cache: 28*28*width floats per training digit, in memory and in "
+        "the checkpoint)",
+    )
+    correction_states: int = option(
+        0,
+        "DEQ toolkit",
+        "fixed-point correction: supervise N intermediate forward states, evenly spaced "
+        "in the budget, each with a one-step phantom gradient (default {default}: off)",
+        metavar="N",
+    )
+    correction_gamma: float = option(
+        0.8,
+        "DEQ toolkit",
+        "decay of the correction losses' weights (default {default})",
+    )
     # Output.
     checkpoint_dir: str | None = option(
         None,
@@ -221,11 +297,13 @@ class Config:
             "max_steps",
             "backward_max_steps",
             "phantom_steps",
+            "power_iterations",
+            "jac_reg_every",
         ):
             check_int(name, getattr(self, name), low=1)
         for name in ("train_subset", "test_subset"):
             check_int(name, getattr(self, name), low=1, allow_none=True)
-        for name in ("warmup_steps", "augment_shift", "seed"):
+        for name in ("warmup_steps", "augment_shift", "seed", "spectral_radius_steps"):
             check_int(name, getattr(self, name), low=0)
         check_real("lr", self.lr, low=0.0, low_open=True)
         check_real("clip_norm", self.clip_norm, low=0.0, low_open=True)
@@ -237,6 +315,21 @@ class Config:
         check_choice("backward", self.backward, BACKWARD_MODES)
         check_choice("backward_solver", self.backward_solver, BACKWARD_SOLVERS)
         check_choice("head", self.head, HEADS)
+        check_choice("norm", self.norm, NORMS)
+        check_real("norm_target", self.norm_target, low=0.0, low_open=True)
+        check_bool("norm_clip", self.norm_clip)
+        check_bool("norm_learn_scale", self.norm_learn_scale)
+        check_real("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        check_int("eval_max_steps", self.eval_max_steps, low=1, allow_none=True)
+        check_real("eval_fwd_tol", self.eval_fwd_tol, low=0.0, allow_none=True)
+        check_bool("reuse_fixed_points", self.reuse_fixed_points)
+        check_int("correction_states", self.correction_states, low=0, high=self.max_steps - 1)
+        check_real("correction_gamma", self.correction_gamma, low=0.0, high=1.0)
+        if self.reuse_fixed_points and self.distributed:
+            raise ValueError(
+                "`reuse_fixed_points` keeps the cache in this process: it does not support "
+                "`distributed` (multi-host) runs."
+            )
         check_bool("resume", self.resume)
         check_bool("distributed", self.distributed)
         if self.resume and self.checkpoint_dir is None:
@@ -249,6 +342,12 @@ class Config:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {_RENAMED.get(k, k): v for k, v in saved.items()}
         return cls(**{k: v for k, v in values.items() if k in fields})
+
+    def correction_steps(self) -> tuple[int, ...]:
+        """The forward steps supervised by fixed-point correction: `correction_states`
+        steps evenly spaced in ``[1, max_steps)`` (empty when off)."""
+        n = self.correction_states
+        return tuple(sorted({max(1, (i + 1) * self.max_steps // (n + 1)) for i in range(n)}))
 
     def step_settings(self) -> tuple[tuple[str, Any], ...]:
         """The settings that determine the jitted steps (hashable: a cache key)."""
