@@ -43,3 +43,4 @@ from ._norm import (
 )
 from ._reuse import FixedPointCache as FixedPointCache
 from ._seed import FixedPointSolver as FixedPointSolver
+from ._shine import ShineAdjoint as ShineAdjoint
