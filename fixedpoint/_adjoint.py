@@ -38,11 +38,9 @@ with a solver from [`fixedpoint.linear`][] (no backward statistics there).
 """
 
 import abc
-import functools as ft
 from typing import Any
 
 import equinox as eqx
-import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -52,6 +50,7 @@ from equinox.internal import ω
 from jaxtyping import Array, Float, PyTree
 
 from . import linear
+from ._iterate import batch_aware, while_loop
 from ._validate import as_int, check_int, check_real
 
 
@@ -103,17 +102,17 @@ class _AbstractStatsAdjoint(optx.AbstractAdjoint):
 
     @abc.abstractmethod
     def _backward(
-        self, g_root, root: PyTree[Array], cotangent: PyTree[Array]
+        self, vjp_root, root: PyTree[Array], cotangent: PyTree[Array]
     ) -> tuple[PyTree[Array], tuple[Any, Any, Any]]:
-        """The backward rule. `g_root(z) = g(z, theta)` at the current parameters,
-        `root` = z*, `cotangent` = the cotangent of z*. Returns `(w, (num_steps,
-        residual_norm, failed))`, where the parameters' cotangent is
+        """The backward rule. `vjp_root(u)` = `u^T (dg/dz)` at `root` = z* and the
+        current parameters, `cotangent` = the cotangent of z*. Returns `(w,
+        (num_steps, residual_norm, failed))`, where the parameters' cotangent is
         `VJP_theta(g at z*)(w)`.
         """
 
     def apply(self, primal_fn, rewrite_fn, inputs, tags):
         del tags
-        inputs = inputs + (ft.partial(eqxi.while_loop, kind="lax"),)
+        inputs = inputs + (while_loop,)
         # The probe travels as the differentiated argument; the rule gets the adjoint
         # without it (keyword arguments of a custom VJP must not be differentiated).
         rule = eqx.tree_at(lambda a: a.stats, self, None)
@@ -130,14 +129,14 @@ class _AbstractStatsAdjoint(optx.AbstractAdjoint):
 @eqx.filter_custom_vjp
 def _solve(stats_and_inputs, *, primal_fn, rewrite_fn, adjoint):
     _, inputs = stats_and_inputs
-    return primal_fn(inputs)
+    return batch_aware(primal_fn, inputs)
 
 
 @_solve.def_fwd
 def _solve_fwd(perturbed, stats_and_inputs, *, primal_fn, rewrite_fn, adjoint):
     del perturbed
     _, inputs = stats_and_inputs
-    root, residual = primal_fn(inputs)
+    root, residual = batch_aware(primal_fn, inputs)
     return (root, residual), root
 
 
@@ -162,18 +161,21 @@ def _solve_bwd(
     )
     diff, nondiff = eqx.partition(inputs, eqx.is_inexact_array)
 
-    def g_root(z):
-        return rewrite_fn(z, None, inputs)
+    def g(z, _diff):
+        return rewrite_fn(z, None, eqx.combine(_diff, nondiff))
+
+    # One linearisation of g at (z*, theta) serves both the backward solve (the z part;
+    # XLA drops the unused theta part inside the solver's loop) and the final
+    # parameter cotangent: g is evaluated at z* once, not twice.
+    _, vjp_g = jax.vjp(g, root, diff)
+
+    def vjp_root(u):
+        return vjp_g(u)[0]
 
     w, (num_steps, residual_norm, failed) = adjoint._backward(
-        g_root, root, root_cotangent
+        vjp_root, root, root_cotangent
     )
-
-    def g_inputs(_diff):
-        return rewrite_fn(root, None, eqx.combine(_diff, nondiff))
-
-    _, vjp_inputs = jax.vjp(g_inputs, diff)
-    (diff_cotangent,) = vjp_inputs(w)
+    diff_cotangent = vjp_g(w)[1]
     return _stats_like(stats, num_steps, residual_norm, failed), diff_cotangent
 
 
@@ -201,11 +203,8 @@ class ImplicitAdjoint(_AbstractStatsAdjoint):
     throw: bool = True
     stats: BackwardStats = BackwardStats()
 
-    def _backward(self, g_root, root, cotangent):
-        _, vjp_root = jax.vjp(g_root, root)
-        operator = lx.FunctionLinearOperator(
-            lambda u: vjp_root(u)[0], jax.eval_shape(lambda: root)
-        )
+    def _backward(self, vjp_root, root, cotangent):
+        operator = lx.FunctionLinearOperator(vjp_root, jax.eval_shape(lambda: root))
         sol = lx.linear_solve(operator, cotangent, self.linear_solver, throw=False)
         ok = sol.result == lx.RESULTS.successful
         breakdown = (sol.result != lx.RESULTS.successful) & (
@@ -261,23 +260,22 @@ class PhantomAdjoint(_AbstractStatsAdjoint):
         check_int("steps", self.steps, low=1)
         check_real("beta", self.beta, low=0.0, high=1.0, low_open=True)
 
-    def _backward(self, g_root, root, cotangent):
-        return _unrolled(g_root, root, cotangent, self.steps, self.beta)
+    def _backward(self, vjp_root, root, cotangent):
+        return _unrolled(vjp_root, cotangent, self.steps, self.beta)
 
 
-def _unrolled(g_root, root, cotangent, steps: int, beta: float):
+def _unrolled(vjp_root, cotangent, steps: int, beta: float):
     """Reverse mode through z_{i+1} = z_i + beta * g(z_i), z_0 = z*, i < steps.
 
     Since z* is a root the iterates stay at z*, so every step has the same Jacobian:
     the input cotangent is VJP_theta(g at z*) applied to
     w = beta * sum_{i<steps} (I + beta J_g^T)^i zbar.
     """
-    _, vjp_root = jax.vjp(g_root, root)
 
     def body(_, carry):
         c, acc = carry
         acc = (acc**ω + beta * c**ω).ω
-        c = (c**ω + beta * vjp_root(c)[0] ** ω).ω
+        c = (c**ω + beta * vjp_root(c) ** ω).ω
         return c, acc
 
     zeros = jtu.tree_map(jnp.zeros_like, cotangent)
@@ -314,8 +312,8 @@ class JacobianFreeAdjoint(_AbstractStatsAdjoint):
 
     stats: BackwardStats = BackwardStats()
 
-    def _backward(self, g_root, root, cotangent):
-        return _unrolled(g_root, root, cotangent, 1, 1.0)
+    def _backward(self, vjp_root, root, cotangent):
+        return _unrolled(vjp_root, cotangent, 1, 1.0)
 
 
 JacobianFreeAdjoint.__init__.__doc__ = """**Arguments:**

@@ -26,7 +26,7 @@ never materialise the matrix, and work on PyTree operators. Use them as
 With `rtol = atol = 0` a solver runs exactly `max_steps` steps from `u_0 = 0` (set
 `throw=False` in `lx.linear_solve`): `Neumann(rtol=0, atol=0, max_steps=k)` returns the
 truncated Neumann series $-\sum_{i<k} (A + I)^i b$, which for $A = J^\top - I$ is the
-seed project's truncated-series backward pass with $k$ terms.
+truncated-series backward pass of a fixed point with $k$ terms.
 """
 
 from typing import Any
@@ -39,6 +39,7 @@ import optimistix as optx
 from equinox.internal import ω
 from jaxtyping import Array, PyTree
 
+from ._iterate import batch_aware, while_loop
 from ._solver import (
     AbstractFixedPointRootFinder,
     Anderson as _AndersonRoot,
@@ -63,6 +64,17 @@ def _to_lineax_result(result: optx.RESULTS) -> lx.RESULTS:
             lx.RESULTS.breakdown,
         ),
     )
+
+
+class _PrimalAdjoint(optx.AbstractAdjoint):
+    """The adjoint of the solve inside `compute`: none is needed, since lineax
+    differentiates a linear solve by further linear solves and never through
+    `compute`. It runs the solve so that a batch (`vmap`) is solved in one loop
+    (`fixedpoint._iterate.batch_aware`)."""
+
+    def apply(self, primal_fn, rewrite_fn, inputs, tags):
+        del rewrite_fn, tags
+        return batch_aware(primal_fn, inputs + (while_loop,))
 
 
 class AbstractFixedPointLinearSolver(lx.AbstractLinearSolver):
@@ -99,6 +111,7 @@ class AbstractFixedPointLinearSolver(lx.AbstractLinearSolver):
             y0,
             (operator, vector),
             max_steps=self.max_steps,
+            adjoint=_PrimalAdjoint(),
             throw=False,
         )
         stats = {

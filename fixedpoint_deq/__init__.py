@@ -1,7 +1,7 @@
 """fixedpoint_deq: Deep Equilibrium Models on top of `fixedpoint`.
 
 - `DEQ`: an equinox layer returning the fixed point of a cell and a `DEQRecord`.
-- `FixedPointSolver`: the seed project's API, kept call-compatible.
+- `FixedPointSolver`: forward solve, backward solve and regularisation in one call.
 - `backward_stats`, `without_backward_stats`: read / strip the backward statistics that
   a gradient of a model holding DEQ layers carries (defined in `fixedpoint`, where
   [`fixedpoint.BackwardStats`][] lives; re-exported here).

@@ -253,3 +253,21 @@ class DEQ(eqx.Module):
             states=states,
         )
         return z_star, record
+
+
+DEQ.__init__.__doc__ = """**Arguments:**
+
+- `cell`: the map `cell(z, x) -> z`, usually an `eqx.Module` holding the parameters.
+- `solver`: the forward root finder; default [`fixedpoint.Anderson`][] with `m = 5`,
+    `rtol = 1e-3`, `atol = 1e-5` in the RMS norm.
+- `adjoint`: the backward pass; default [`fixedpoint.ImplicitAdjoint`][] with
+    [`fixedpoint.linear.Anderson`][] (`rtol = 1e-3`, at most 30 steps) and
+    `throw=False`.
+- `max_steps`: (>= 1) the most forward steps.
+- `init`: the starting point when no `z0` is given: `"zero"`, or `"random"` (normal
+    noise of scale `init_scale`, from the call's `key`).
+- `init_scale`: the standard deviation of the random start.
+- `jac_reg_samples`: (>= 1) probes of the Jacobian penalty (`jac_reg=True`).
+- `throw`: raise when the forward solve fails, instead of reporting it in the
+    record.
+"""

@@ -1,4 +1,4 @@
-"""The seed project's `FixedPointSolver`, kept call-compatible, built on `DEQ`."""
+"""`FixedPointSolver`: solvers configured by name, built on `DEQ`."""
 
 from collections.abc import Callable
 from typing import Any, Literal
@@ -20,7 +20,7 @@ _INIT = ("zero", "random")
 
 
 class FixedPointSolver(eqx.Module):
-    r"""The seed project's implicit fixed-point solver, now tolerance-based.
+    r"""An implicit fixed-point solver with its solvers configured by name.
 
     ```python
     solver = FixedPointSolver(
@@ -40,19 +40,19 @@ class FixedPointSolver(eqx.Module):
     anderson_m`, `beta = anderson_b`), `"broyden"`, `"neumann"` (alias `"picard"`: plain
     iteration). Backward: `"anderson"`, `"broyden"`, `"neumann"`, `"picard"` — the
     [`fixedpoint.linear`][] solver of that name on the adjoint system
-    $w = v + J_f^\top w$ from $w_0 = 0$. As in the seed, `"neumann"` with
+    $w = v + J_f^\top w$ from $w_0 = 0$. `"neumann"` with
     `bwd_iterations = n` sums the series up to the power $n$ ($n + 1$ terms) and
     `"picard"` runs $n$ iterations ($n$ terms).
 
-    **What is new.** `fwd_iterations` and `bwd_iterations` are maxima: each solve
+    **Iterations.** `fwd_iterations` and `bwd_iterations` are maxima: each solve
     stops when its tolerance (`fwd_tol`, `bwd_tol`, relative, see
-    [`fixedpoint.Neumann`][] for the rule) is met. Set them to 0 for the seed's fixed
+    [`fixedpoint.Neumann`][] for the rule) is met. Set the tolerances to 0 for fixed
     iteration counts. The statistics report steps and residuals of both passes.
 
     **Statistics.** Always: `fwd_steps`, `fwd_residual` (relative, $\|f(x^*) -
     x^*\| / \|x^*\|$ in the max norm) and `fwd_converged`. With `solver_stats=True` a
     backward solve with cotangent $v = 1$ is also run (one extra forward and backward
-    pass, as in the seed: use it to monitor training, not at every step), adding
+    pass: use it to monitor training, not at every step), adding
     `bwd_steps`, `bwd_residual` (of $w - v - J_f^\top w$, relative to $\|v\| = 1$) and
     `bwd_converged`.
     """
@@ -148,3 +148,18 @@ class FixedPointSolver(eqx.Module):
             stats["bwd_residual"] = bwd.residual_norm
             stats["bwd_converged"] = bwd.failed == 0
         return x_star, record.jac_reg, stats
+
+
+FixedPointSolver.__init__.__doc__ = """**Arguments:**
+
+- `fwd_solver`: `"anderson"`, `"broyden"`, `"neumann"` or `"picard"`.
+- `fwd_iterations`: (>= 1) the most forward steps.
+- `fwd_init`: `"zero"` or `"random"` (normal noise, from the call's `key`).
+- `bwd_solver`: `"anderson"`, `"broyden"`, `"neumann"` or `"picard"`.
+- `bwd_iterations`: (>= 1) the most backward steps (for `"neumann"`, the highest power
+    of the series).
+- `anderson_m`: (>= 1) Anderson's history, forward and backward.
+- `anderson_b`: Anderson's mixing parameter in (0, 1].
+- `fwd_tol`, `bwd_tol`: (>= 0) the relative tolerances of the two solves; 0 runs the
+    full iteration counts.
+"""

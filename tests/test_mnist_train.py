@@ -24,7 +24,7 @@ import fixedpoint as fp
 import fixedpoint_deq as fd
 from fixedpoint_deq import DEQ
 from fixedpoint_deq.mnist import train as tr
-from fixedpoint_deq.mnist.model import ConvCell, conv3x3
+from fixedpoint_deq.mnist.model import _norm_hwc, ConvCell, conv3x3
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("FIXEDPOINT_MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
@@ -90,6 +90,24 @@ def test_conv3x3_matches_lax_in_both_modes():
     g_ref = jax.grad(lambda k, u: jnp.sum(jnp.sin(ref(k, u))), argnums=(0, 1))(k, u)
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_channels_last_group_norm_matches_equinox(groups):
+    key1, key2, key3 = jax.random.split(jax.random.key(1), 3)
+    norm = eqx.nn.GroupNorm(groups, 6)
+    norm = eqx.tree_at(
+        lambda n: (n.weight, n.bias),
+        norm,
+        (jax.random.normal(key1, (6,)), jax.random.normal(key2, (6,))),
+    )
+    y = 3.0 + 2.0 * jax.random.normal(key3, (5, 4, 6))
+    ref = jnp.moveaxis(norm(jnp.moveaxis(y, -1, 0)), 0, -1)
+    np.testing.assert_allclose(_norm_hwc(norm, y), ref, rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda y: jnp.sum(jnp.sin(_norm_hwc(norm, y))))(y)
+    g_ref = jax.grad(lambda y: jnp.sum(jnp.sin(jnp.moveaxis(norm(jnp.moveaxis(y, -1, 0)), 0, -1))))(y)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_layer_gradients_match_finite_differences():

@@ -9,6 +9,7 @@ from jaxtyping import Array, Bool, Float, PyTree, Scalar
 
 from .._validate import check_callable, check_int, check_real
 from ._common import (
+    is_done,
     Progress,
     ravel,
     select_output,
@@ -40,7 +41,7 @@ class AbstractFixedPointRootFinder(optx.AbstractRootFinder[Y, Out, Aux, SolverSt
     what to return (documented on [`fixedpoint.Neumann`][]).
 
     A subclass declares the fields below and implements `init` and `step`; its solver
-    state must hold a `progress` (the bookkeeping of `fixedpoint._solver._common`),
+    state must hold a `progress` (the bookkeeping the three methods share),
     which `step` updates by evaluating $g$ through `self._evaluate` and which
     `terminate` and `postprocess` (implemented here) read.
 
@@ -115,5 +116,6 @@ class AbstractFixedPointRootFinder(optx.AbstractRootFinder[Y, Out, Aux, SolverSt
         return y_flat, r_flat, aux, progress
 
     def _next_y(self, y: Y, y_next_flat: Float[Array, " n"], progress: Progress) -> Y:
-        """Stay on a converged point (its residual is the one reported)."""
-        return tree_where(progress.converged, y, unravel_like(y_next_flat, y))
+        """Stay on a converged point (its residual is the one reported), and on the
+        last point of a finished solve."""
+        return tree_where(is_done(progress), y, unravel_like(y_next_flat, y))

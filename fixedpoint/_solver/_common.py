@@ -135,25 +135,40 @@ def update_progress(
         scaled = jtu.tree_map(lambda ri, yi: ri / (atol + rtol * jnp.abs(yi)), r, y)
         scaled_norm = jnp.asarray(norm(scaled)).astype(dtype)
         r_norm = jnp.asarray(norm(r)).astype(dtype)
+    # A finished solve records nothing more (see `is_done`): its flags, counts and best
+    # point stay as they were, at no cost beyond the selects made anyway.
+    frozen = is_done(progress)
     nonfinite = ~jnp.isfinite(r_norm)
     converged = (scaled_norm < 1) & ~nonfinite
     diverged = (r_norm > divergence_factor * progress.best_norm) & ~nonfinite
-    better = r_norm < progress.best_norm
+    better = (r_norm < progress.best_norm) & ~frozen
+    trace_slot = jnp.where(frozen, progress.trace.size, progress.step)  # dropped if frozen
     return Progress(
-        step=progress.step + 1,
-        converged=converged,
-        diverged=diverged,
-        nonfinite=nonfinite,
-        residual_norm=r_norm,
+        step=progress.step + jnp.where(frozen, 0, 1).astype(progress.step.dtype),
+        converged=jnp.where(frozen, progress.converged, converged),
+        diverged=jnp.where(frozen, progress.diverged, diverged),
+        nonfinite=jnp.where(frozen, progress.nonfinite, nonfinite),
+        residual_norm=jnp.where(frozen, progress.residual_norm, r_norm),
         best_norm=jnp.where(better, r_norm, progress.best_norm),
         y_best=jnp.where(better, y_flat, progress.y_best),
         r_best=jnp.where(better, r_flat, progress.r_best),
         trace=(
-            progress.trace.at[progress.step].set(r_norm, mode="drop")
+            progress.trace.at[trace_slot].set(r_norm, mode="drop")
             if progress.trace.size
             else progress.trace
         ),
     )
+
+
+def is_done(progress: Progress) -> Bool[Array, ""]:
+    """Whether the solve has finished (converged, diverged or hit non-finite values).
+
+    Contract of every solver of this package: a `step` taken from a finished state
+    leaves the iterate, the history, and every count, flag and statistic unchanged (it
+    still evaluates the function once). optimistix never steps a finished solve; a
+    batch of solves run in one loop until every sample has finished
+    (`fixedpoint._iterate`) relies on it."""
+    return progress.converged | progress.diverged | progress.nonfinite
 
 
 def termination_result(progress: Progress) -> tuple[Bool[Array, ""], optx.RESULTS]:
@@ -168,8 +183,7 @@ def termination_result(progress: Progress) -> tuple[Bool[Array, ""], optx.RESULT
             optx.RESULTS.successful,
         ),
     )
-    done = progress.converged | progress.diverged | progress.nonfinite
-    return done, result
+    return is_done(progress), result
 
 
 def select_output(

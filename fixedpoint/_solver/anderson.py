@@ -9,7 +9,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
 from .._validate import as_int, check_int, check_real
 from ._base import AbstractFixedPointRootFinder, Aux, Fn, Out, Y
-from ._common import flatten_initial, init_progress, Progress
+from ._common import flatten_initial, init_progress, is_done, Progress
 
 
 class _AndersonState(eqx.Module):
@@ -158,6 +158,7 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
     ) -> tuple[Y, _AndersonState, Aux]:
         del options, tags
         best_before = state.progress.best_norm
+        frozen = is_done(state.progress)  # a finished solve changes nothing (see is_done)
         y_k, r_k, aux, progress = self._evaluate(fn, y, args, state.progress)
         dtype = y_k.dtype
         beta = jnp.asarray(self.beta, dtype)
@@ -168,33 +169,39 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
             state.has_prev
             & (progress.residual_norm > self.safeguard_factor * best_before)
             & ~progress.converged
+            & ~frozen
         )
 
         # Accepted point: push the new differences into the ring buffer. When not
         # pushing (first step or restart) the history is empty afterwards, so the row
         # is simply zeroed: no old row is read, and XLA writes the buffers in place.
-        push = state.has_prev & ~reject
+        push = state.has_prev & ~reject & ~frozen
         i = state.index
-        dy = state.dy.at[i].set(jnp.where(push, y_k - state.y_prev, 0))
-        dr = state.dr.at[i].set(jnp.where(push, r_k - state.r_prev, 0))
+        # (A finished solve writes out of range: the write is dropped.)
+        slot = jnp.where(frozen, self.m, i)
+        dy = state.dy.at[slot].set(jnp.where(push, y_k - state.y_prev, 0), mode="drop")
+        dr = state.dr.at[slot].set(jnp.where(push, r_k - state.r_prev, 0), mode="drop")
         # Only row/column i of the Gram matrix changes: one matrix-vector product
         # (m n) per step instead of a matrix product (m^2 n).
         gram_i = dr @ dr[i]
-        gram = state.gram.at[i].set(gram_i).at[:, i].set(gram_i)
+        gram = state.gram.at[slot].set(gram_i, mode="drop").at[:, slot].set(gram_i, mode="drop")
         count = jnp.where(reject, 0, jnp.where(push, jnp.minimum(state.count + 1, self.m), state.count))
         index = jnp.where(reject, 0, jnp.where(push, (state.index + 1) % self.m, state.index))
 
         # Base point of the mixing step: the new point, or the best one on restart.
         # A restart's step is halved for every restart in a row, so that a Picard
         # step that itself overshoots is not repeated forever (backtracking).
-        consecutive = jnp.where(reject, state.consecutive + 1, 0)
+        consecutive = jnp.where(
+        frozen, state.consecutive, jnp.where(reject, state.consecutive + 1, 0)
+    )
         shrink = jnp.asarray(0.5, dtype) ** jnp.maximum(consecutive - 1, 0)
         y_base = jnp.where(reject, progress.y_best, y_k)
         r_base = jnp.where(reject, progress.r_best, r_k)
         valid = jnp.arange(self.m) < count
         gamma = anderson_coefficients(gram, dr @ r_base, valid, reg)
         step = beta * shrink
-        y_next = y_base + step * r_base - (dy + beta * dr).T @ gamma
+        # (Two vector-matrix products: cheaper than forming dy + beta dr.)
+        y_next = y_base + step * r_base - gamma @ dy - beta * (gamma @ dr)
 
         new_state = _AndersonState(
             dy=dy,

@@ -9,7 +9,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
 from .._validate import as_bool, as_int, check_bool, check_int, check_real
 from ._base import AbstractFixedPointRootFinder, Aux, Fn, Out, Y
-from ._common import flatten_initial, init_progress, Progress
+from ._common import flatten_initial, init_progress, is_done, Progress
 
 
 class _BroydenState(eqx.Module):
@@ -126,6 +126,7 @@ class Broyden(AbstractFixedPointRootFinder[Y, Out, Aux, _BroydenState]):
         tags: frozenset[object],
     ) -> tuple[Y, _BroydenState, Aux]:
         del options, tags
+        frozen = is_done(state.progress)  # a finished solve changes nothing (see is_done)
         y_k, r_k, aux, progress = self._evaluate(fn, y, args, state.progress)
         dtype = y_k.dtype
         beta = jnp.asarray(self.beta, dtype)
@@ -138,11 +139,15 @@ class Broyden(AbstractFixedPointRootFinder[Y, Out, Aux, _BroydenState]):
             sufficient = norm_k <= (1 - 1e-4 * state.t) * norm_prev
             min_t = jnp.asarray(0.5**self.max_backtracks, dtype)
             backtrack = (
-                state.has_prev & ~sufficient & (state.t > min_t) & ~progress.converged
+                state.has_prev
+                & ~sufficient
+                & (state.t > min_t)
+                & ~progress.converged
+                & ~frozen
             )
         else:
             backtrack = jnp.array(False)
-        accept = state.has_prev & ~backtrack
+        accept = state.has_prev & ~backtrack & ~frozen
 
         # Good Broyden update of H with the accepted step. When the memory is full the
         # approximation restarts: the new pair is then computed from H = -beta I.
@@ -168,12 +173,13 @@ class Broyden(AbstractFixedPointRootFinder[Y, Out, Aux, _BroydenState]):
         # restart) and counted only if the update is valid: an unused row may hold
         # anything, and no used row is ever read back (so XLA updates the buffers in
         # place, without copying them).
-        slot = jnp.where(full, 0, state.count)
+        # (A finished solve writes out of range: the write is dropped.)
+        slot = jnp.where(frozen, self.memory, jnp.where(full, 0, state.count))
         # (Masking both rows with `ok`, which depends on every read of both buffers,
         # orders those reads before the writes, so XLA need not copy the buffers.)
-        u = state.u.at[slot].set(jnp.where(ok, new_u, 0))
-        v = state.v.at[slot].set(jnp.where(ok, new_v, 0))
-        count = jnp.where(ok, slot + 1, slot)
+        u = state.u.at[slot].set(jnp.where(ok, new_u, 0), mode="drop")
+        v = state.v.at[slot].set(jnp.where(ok, new_v, 0), mode="drop")
+        count = jnp.where(frozen, state.count, jnp.where(ok, slot + 1, slot))
 
         # New direction from the current point, or a shorter step on backtracking.
         p_k = -(base_r + jnp.where(ok, new_u * v_dot_r, 0))

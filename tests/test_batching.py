@@ -1,0 +1,197 @@
+"""Batched solves (`jax.vmap`) run as one loop over the batch (`fixedpoint._iterate`):
+per-sample results identical to per-sample solves, for samples that converge at
+different steps, run out of steps, diverge or hit non-finite values; gradients; linear
+solvers; unbatched arguments; nested `vmap`; and the reason for it all, that no
+history buffer is selected per step."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import optimistix as optx
+import pytest
+
+import fixedpoint as fp
+
+
+N = 5
+MAX_STEPS = 30
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _w():
+    w = jax.random.normal(jax.random.PRNGKey(3), (N, N), jnp.float64)
+    return w / jnp.linalg.norm(w, 2)
+
+
+def _fn(z, p):
+    """Fixed-point map with a per-sample scale s and offset b: contracts for s < 1
+    (slowly near 1), expands for s > 1 (`2 z`: diverges); s < 0 gives log of a
+    negative number (non-finite)."""
+    s, b = p[0], p[1:]
+    w = _w()
+    return jnp.where(s < 0, jnp.log(s) * z, s * jnp.tanh(w @ z) + b + jnp.where(s > 1, 2 * z, 0))
+
+
+# One sample each: fast, medium, slow (max steps at 30 for Neumann), divergent,
+# non-finite. (A NumPy array: JAX arrays are made inside the x64 fixture.)
+PARAMS = np.array(
+    [[0.1] + [1.0] * N, [0.7] + [0.5] * N, [0.97] + [-1.0] * N, [1.5] + [1.0] * N, [-1.0] + [1.0] * N],
+    np.float64,
+)
+# Batched and per-sample runs may round differently (batched products); the steps,
+# counts and result codes must be identical.
+CLOSE = dict(rtol=1e-8, atol=1e-10)
+
+SOLVERS = {
+    "anderson": fp.Anderson(rtol=1e-10, atol=1e-10, trace_length=MAX_STEPS),
+    "broyden": fp.Broyden(rtol=1e-10, atol=1e-10, trace_length=MAX_STEPS),
+    "broyden-ls": fp.Broyden(rtol=1e-10, atol=1e-10, line_search=True),
+    "neumann": fp.Neumann(rtol=1e-10, atol=1e-10, trace_length=MAX_STEPS),
+}
+
+
+def _solve(solver, adjoint, p, y0=None):
+    y0 = jnp.zeros(N, jnp.float64) if y0 is None else y0
+    sol = optx.fixed_point(
+        _fn, solver, y0, p, max_steps=MAX_STEPS, adjoint=adjoint, throw=False, has_aux=False
+    )
+    return sol.value, sol.stats, sol.result
+
+
+def _assert_same(batched, single, i):
+    value, stats, result = batched
+    s_value, s_stats, s_result = single
+    np.testing.assert_allclose(value[i], s_value, **CLOSE)
+    assert result._value[i] == s_result._value
+    assert set(stats) == set(s_stats)
+    for key in stats:
+        if key in ("num_steps", "max_steps"):
+            assert stats[key][i] == s_stats[key]
+        else:
+            np.testing.assert_allclose(stats[key][i], s_stats[key], **CLOSE)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_vmap_equals_per_sample(name):
+    solver = SOLVERS[name]
+    adjoint = fp.ImplicitAdjoint(throw=False)
+    batched = jax.jit(jax.vmap(lambda p: _solve(solver, adjoint, p)))(PARAMS)
+    solve_one = jax.jit(lambda p: _solve(solver, adjoint, p))  # one compilation
+    results = set()
+    for i, p in enumerate(PARAMS):
+        single = solve_one(p)
+        _assert_same(batched, single, i)
+        results.add(int(single[2]._value))
+    # The batch really mixes outcomes (success and at least one failure code).
+    assert 0 in results and len(results) >= 2, results
+
+
+@pytest.mark.parametrize("name", ["anderson", "broyden", "neumann"])
+def test_vmap_grad_equals_per_sample(name):
+    solver = SOLVERS[name]
+    adjoint = fp.ImplicitAdjoint(fp.linear.Anderson(rtol=1e-11, atol=1e-12), throw=False)
+    params = PARAMS[:3]
+
+    def loss(p):
+        return jnp.sum(_solve(solver, adjoint, p)[0] ** 2)
+
+    batched = jax.jit(jax.vmap(jax.grad(loss)))(params)
+    grad_one = jax.jit(jax.grad(loss))
+    single = np.stack([grad_one(p) for p in params])
+    np.testing.assert_allclose(batched, single, **CLOSE)
+    if name != "anderson":
+        return
+    # And the gradient of a batch mean (the training-loop case: grad of vmap).
+    mean_grad = jax.jit(jax.grad(lambda ps: jnp.mean(jax.vmap(loss)(ps))))(params)
+    np.testing.assert_allclose(mean_grad, single / len(params), **CLOSE)
+
+
+def test_unbatched_arguments_and_batched_start():
+    solver = SOLVERS["anderson"]
+    adjoint = fp.ImplicitAdjoint(throw=False)
+    starts = jnp.stack([jnp.full(N, v, jnp.float64) for v in (0.0, 1.0, -3.0)])
+    p = PARAMS[1]
+    batched = jax.jit(jax.vmap(lambda y0: _solve(solver, adjoint, p, y0)))(starts)
+    solve_one = jax.jit(lambda y0: _solve(solver, adjoint, p, y0))
+    for i, y0 in enumerate(starts):
+        _assert_same(batched, solve_one(y0), i)
+
+
+def test_nested_vmap():
+    solver = SOLVERS["anderson"]
+    adjoint = fp.ImplicitAdjoint(throw=False)
+    grid = jnp.stack([PARAMS[:3], PARAMS[:3] * np.array([1.0] + [0.5] * N)])
+    batched = jax.jit(jax.vmap(jax.vmap(lambda p: _solve(solver, adjoint, p))))(grid)
+    solve_one = jax.jit(lambda p: _solve(solver, adjoint, p))
+    for j in range(grid.shape[0]):
+        for i in range(grid.shape[1]):
+            single = solve_one(grid[j, i])
+            np.testing.assert_allclose(batched[0][j, i], single[0], **CLOSE)
+            assert batched[1]["num_steps"][j, i] == single[1]["num_steps"]
+
+
+def test_other_solvers_fall_back_to_the_plain_batched_loop():
+    solver = optx.FixedPointIteration(rtol=1e-10, atol=1e-10)
+    adjoint = fp.ImplicitAdjoint(throw=False)
+    params = PARAMS[:3]
+    batched = jax.jit(jax.vmap(lambda p: _solve(solver, adjoint, p)))(params)
+    solve_one = jax.jit(lambda p: _solve(solver, adjoint, p))
+    for i, p in enumerate(params):
+        single = solve_one(p)
+        np.testing.assert_allclose(batched[0][i], single[0], **CLOSE)
+        assert batched[1]["num_steps"][i] == single[1]["num_steps"]
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        fp.linear.Anderson(rtol=1e-10, atol=1e-10, max_steps=60),
+        fp.linear.Broyden(rtol=1e-10, atol=1e-10, max_steps=60),
+        fp.linear.Neumann(rtol=1e-10, atol=1e-10, max_steps=60),
+    ],
+    ids=["anderson", "broyden", "neumann"],
+)
+def test_linear_solvers_vmap_equals_per_sample(solver):
+    w = _w()
+    scales = jnp.array([0.2, 0.6, 0.9, 0.99])
+    b = jnp.arange(1.0, N + 1.0)
+
+    def solve(s):
+        operator = lx.MatrixLinearOperator(s * w - jnp.eye(N))
+        sol = lx.linear_solve(operator, b, solver, throw=False)
+        return sol.value, sol.stats["num_steps"], sol.result._value
+
+    batched = jax.jit(jax.vmap(solve))(scales)
+    solve_one = jax.jit(solve)
+    steps = set()
+    for i, s in enumerate(scales):
+        value, num_steps, result = solve_one(s)
+        np.testing.assert_allclose(batched[0][i], value, **CLOSE)
+        assert batched[1][i] == num_steps and batched[2][i] == result
+        steps.add(int(num_steps))
+    assert len(steps) > 1  # the samples stop at different steps
+
+
+def test_history_is_not_selected_per_step():
+    """Under `vmap` the per-step `select(running, new, old)` of a batched while loop
+    would touch the whole history (batch x m x n) every step; the batch loop does not."""
+    m, batch = 7, 3
+    solver = fp.Anderson(m=m, rtol=1e-10, atol=1e-10)
+    adjoint = fp.ImplicitAdjoint(throw=False)
+    hlo = (
+        jax.jit(jax.vmap(lambda p: _solve(solver, adjoint, p)[0]))
+        .lower(PARAMS[:batch])
+        .as_text()
+    )
+    history = f"tensor<{batch}x{m}x{N}xf64>"
+    selects = [line for line in hlo.splitlines() if "stablehlo.select" in line]
+    assert selects  # the check below looks at real select ops
+    assert not [line for line in selects if re.search(re.escape(history) + r"\s*$", line)]
