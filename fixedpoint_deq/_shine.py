@@ -26,11 +26,9 @@ in the backward pass"), which says which modes pay.
 
 from __future__ import annotations
 
-import functools as ft
 from typing import Any
 
 import equinox as eqx
-import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -41,6 +39,7 @@ from jax.flatten_util import ravel_pytree
 
 import fixedpoint as fp
 from fixedpoint._adjoint import _stats_like, BackwardStats
+from fixedpoint._iterate import batch_aware, while_loop
 from fixedpoint._solver.broyden import _apply_t
 from fixedpoint._validate import check_bool, check_choice
 
@@ -90,7 +89,7 @@ class ShineAdjoint(optx.AbstractAdjoint):
     def apply(self, primal_fn, rewrite_fn, inputs, tags):
         del tags
         _broyden_of(inputs[1])  # refuse another forward solver at trace time
-        inputs = inputs + (ft.partial(eqxi.while_loop, kind="lax"),)
+        inputs = inputs + (while_loop,)
         rule = eqx.tree_at(lambda a: a.stats, self, None)
         root, residual = _solve(
             (self.stats, inputs), primal_fn=primal_fn, rewrite_fn=rewrite_fn, adjoint=rule
@@ -99,8 +98,7 @@ class ShineAdjoint(optx.AbstractAdjoint):
         residual = eqx.combine(jax.lax.stop_gradient(dynamic), static)
         return root, residual
 
-    def _backward(self, g_root, root, cotangent, solver: fp.Broyden, state):
-        _, vjp_root = jax.vjp(g_root, root)
+    def _backward(self, vjp_root, root, cotangent, solver: fp.Broyden, state):
         struct = jax.eval_shape(lambda: root)
         flat, unravel = ravel_pytree(cotangent)
         dtype = flat.dtype
@@ -113,7 +111,7 @@ class ShineAdjoint(optx.AbstractAdjoint):
             return unravel(_apply_t(u, v, valid, beta, ravel_pytree(x)[0].astype(dtype)))
 
         def jg_t(x):  # J_g^T x
-            return vjp_root(x)[0]
+            return vjp_root(x)
 
         if self.mode == "shine":
             lam = h_t(cotangent)
@@ -156,14 +154,14 @@ ShineAdjoint.__init__.__doc__ = """**Arguments:**
 @eqx.filter_custom_vjp
 def _solve(stats_and_inputs, *, primal_fn, rewrite_fn, adjoint):
     _, inputs = stats_and_inputs
-    return primal_fn(inputs)
+    return batch_aware(primal_fn, inputs)
 
 
 @_solve.def_fwd
 def _solve_fwd(perturbed, stats_and_inputs, *, primal_fn, rewrite_fn, adjoint):
     del perturbed
     _, inputs = stats_and_inputs
-    root, residual = primal_fn(inputs)
+    root, residual = batch_aware(primal_fn, inputs)
     # The final solver state (its dynamic part): Broyden's factors for the backward pass.
     return (root, residual), (root, residual[2])
 
@@ -189,16 +187,18 @@ def _solve_bwd(saved, grad_obj, perturbed, stats_and_inputs, *, primal_fn, rewri
     solver, state = _broyden_of(inputs[1], final_state)
     diff, nondiff = eqx.partition(inputs, eqx.is_inexact_array)
 
-    def g_root(z):
-        return rewrite_fn(z, None, inputs)
+    def g(z, _diff):
+        return rewrite_fn(z, None, eqx.combine(_diff, nondiff))
+
+    # As in `fixedpoint`'s adjoints: one linearisation of g at (z*, theta) serves the
+    # backward solve and the parameters' cotangent.
+    _, vjp_g = jax.vjp(g, root, diff)
+
+    def vjp_root(u):
+        return vjp_g(u)[0]
 
     w, (num_steps, residual_norm, failed) = adjoint._backward(
-        g_root, root, root_cotangent, solver, state
+        vjp_root, root, root_cotangent, solver, state
     )
-
-    def g_inputs(_diff):
-        return rewrite_fn(root, None, eqx.combine(_diff, nondiff))
-
-    _, vjp_inputs = jax.vjp(g_inputs, diff)
-    (diff_cotangent,) = vjp_inputs(w)
+    diff_cotangent = vjp_g(w)[1]
     return _stats_like(stats, num_steps, residual_norm, failed), diff_cotangent
