@@ -127,8 +127,8 @@ class _Recording(optx.AbstractRootFinder):
 
 class FixedPointCorrection(eqx.Module):
     """Which states of the forward solve a [`fixedpoint_deq.DEQ`][] returns for
-    fixed-point correction, and their phantom gradient (see the module documentation of
-    `fixedpoint_deq._correction`)."""
+    fixed-point correction, and their phantom gradient (the formulas and the loss
+    recipe: "Fixed-point correction" on the DEQ toolkit page)."""
 
     steps: tuple[int, ...] = eqx.field(static=True, converter=_as_steps)
     unroll: int = eqx.field(static=True, default=1, converter=as_int)

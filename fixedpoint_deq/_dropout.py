@@ -52,7 +52,7 @@ from fixedpoint._validate import check_bool, check_real
 
 class VariationalDropout(eqx.Module):
     """Dropout whose mask is fixed by a key for a whole fixed-point solve (see the
-    module documentation of `fixedpoint_deq._dropout`)."""
+    "Variational dropout" on the DEQ toolkit page)."""
 
     rate: float = eqx.field(static=True)
     shared_axes: tuple[int, ...] = eqx.field(static=True)

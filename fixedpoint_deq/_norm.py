@@ -93,8 +93,8 @@ def _row_norms(weight: Array) -> Array:
 
 class NormalisedLayer(eqx.Module):
     """A `Linear` / `Conv` layer whose weight is weight- or spectrally normalised (see
-    the module documentation of `fixedpoint_deq._norm`, or
-    [`fixedpoint_deq.normalise`][], which builds these).
+    "Normalisation" on the DEQ toolkit page, or [`fixedpoint_deq.normalise`][], which
+    builds these).
 
     `layer` holds the raw weight $V$. `weight` is the effective weight; every other
     attribute (`bias`, `in_features`, ...) is the layer's. Calling the wrapper calls the
@@ -263,7 +263,7 @@ def normalise(
     r"""Weight- or spectrally normalise every layer of `tree` that `filter` selects.
 
     Each selected layer is replaced by a [`fixedpoint_deq.NormalisedLayer`][] (see there
-    and the module documentation for the formulas). Layers already normalised are left
+    and "Normalisation" on the DEQ toolkit page for the formulas). Layers already normalised are left
     as they are.
 
     ```python

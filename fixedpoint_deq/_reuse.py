@@ -36,8 +36,8 @@ from fixedpoint._validate import as_int, check_int
 
 
 class FixedPointCache(eqx.Module):
-    """One stored state per example of a dataset, for warm starts (see the module
-    documentation of `fixedpoint_deq._reuse`).
+    """One stored state per example of a dataset, for warm starts (see
+    "Warm starts" on the DEQ toolkit page).
 
     Functional: `update` returns a new cache (jit it with donated buffers, or call it
     outside `jit`; both work). Indices out of range are neither read (a cold start is

@@ -65,8 +65,8 @@ def _broyden_of(solver: Any, state: Any = None) -> tuple[fp.Broyden, Any]:
 
 class ShineAdjoint(optx.AbstractAdjoint):
     r"""The backward pass of a [`fixedpoint.Broyden`][] forward solve that reuses its
-    final inverse-Jacobian estimate $H$ (see the module documentation of
-    `fixedpoint_deq._shine` for the three modes). Backward statistics come out of the
+    final inverse-Jacobian estimate $H$ (the three modes: "SHINE" on the DEQ toolkit
+    page). Backward statistics come out of the
     gradient as for [`fixedpoint.ImplicitAdjoint`][] (read them with
     [`fixedpoint.backward_stats`][]); for `mode="shine"` `num_steps` is 0 and
     `residual_norm` is the residual $\|J_g^\top \lambda - \bar z\|$ it leaves (one VJP
