@@ -156,7 +156,9 @@ class FixedPointCorrection(eqx.Module):
 
     def recording(self, solver: optx.AbstractRootFinder) -> optx.AbstractRootFinder:
         """`solver` wrapped so that the solve records the chosen iterates."""
-        return _Recording(solver, tuple(int(s) for s in self.steps))
+        steps = tuple(int(s) for s in self.steps)
+        # (rtol, atol and norm are properties read from `solver`.)
+        return _Recording(solver, steps)  # pyright: ignore[reportCallIssue]
 
     def states(
         self,

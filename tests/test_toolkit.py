@@ -335,6 +335,7 @@ def test_spectral_radius_in_the_record_matches_the_jacobian():
     z, record = deq(x, key=jax.random.key(0), spectral_radius=60)
     jac = jax.jacfwd(lambda z: cell(z, x))(z)
     rho = float(jnp.max(jnp.abs(jnp.linalg.eigvals(jac))))
+    assert record.spectral_radius is not None
     np.testing.assert_allclose(record.spectral_radius, rho, rtol=0.02)
     assert deq(x)[1].spectral_radius is None
 
@@ -472,6 +473,7 @@ def test_correction_states_and_gradient_match_unrolled_differentiation():
                    correction=fd.FixedPointCorrection(steps=(50, 60)))
     z, record = early(x[0])
     assert int(record.num_steps) < 50
+    assert record.states is not None
     np.testing.assert_allclose(record.states, jnp.stack([z, z]), atol=1e-5)
 
 
@@ -518,6 +520,7 @@ def _backward_matrix(name, jac, broyden_state=None, beta=1.0):
         step = (1 - a.beta) * eye + a.beta * jac.T
         return a.beta * sum(jnp.linalg.matrix_power(step, i) for i in range(a.steps))
     if name == "shine":
+        assert broyden_state is not None
         u, v, count = broyden_state.u, broyden_state.v, broyden_state.count
         valid = (jnp.arange(u.shape[0]) < count)[:, None]
         h = -beta * eye + (jnp.where(valid, u, 0)).T @ v
