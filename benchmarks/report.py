@@ -10,6 +10,11 @@ results.json`` (every measurement, with the residual traces) and ``<out>/plots/
 Needs ``pip install -e ".[bench]"``; torch/torchdeq are picked up when installed.
 What is measured and how each library is counted: `benchmarks.harness` and
 `benchmarks.peers`.
+
+Exit status: 0 when target checks ran (the report and the last line say how many
+failed); 1 when none could run (nothing was compared, which is not a success); 2 for
+invalid options (``--tol`` must be in (0, 1), ``--budget`` >= 1, ``--threads`` >= 0)
+or when no problem or no solver matches.
 """
 
 from __future__ import annotations
@@ -27,6 +32,25 @@ import time
 from pathlib import Path
 
 
+def _number(kind, low, high=math.inf, *, low_open=False, high_open=False, what="a number"):
+    """An argparse `type`: a finite `kind` (int or float) from `low` to `high`."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        ok = math.isfinite(value)
+        ok = ok and (value > low if low_open else value >= low)
+        ok = ok and (value < high if high_open else value <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=(__doc__ or "").split("\n\n")[0])
     grid = parser.add_mutually_exclusive_group()
@@ -35,10 +59,16 @@ def _parse(argv):
     parser.add_argument("--out", default="reports", help="output directory (default: reports/)")
     parser.add_argument("--problems", default="*", help="glob on problem names (default: all of the grid)")
     parser.add_argument("--solvers", default="*", help="glob on solver names (default: all of the grid)")
-    parser.add_argument("--tol", type=float, default=None, help="common tolerance (default: harness.TOL)")
-    parser.add_argument("--budget", type=int, default=None, help="f-evaluation budget (default: harness.BUDGET)")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--tol", type=_number(float, 0.0, 1.0, low_open=True, high_open=True, what="a number in (0, 1)"),
+        default=None, help="common tolerance, a number in (0, 1) (default: harness.TOL)",
+    )
+    parser.add_argument(
+        "--budget", type=_number(int, 1, what="an integer >= 1"), default=None,
+        help="f-evaluation budget, >= 1 (default: harness.BUDGET)",
+    )
+    parser.add_argument(
+        "--threads", type=_number(int, 0, what="an integer >= 0"), default=1,
         help="BLAS/OpenMP threads of NumPy/SciPy/torch (default 1, see harness.pin_threads; 0 leaves them alone)",
     )
     parser.add_argument(
@@ -117,6 +147,19 @@ def _target_row(pname, mine, theirs, time_too):
     )
 
 
+_NOTHING_CHECKED = (
+    "no pair of our Anderson/Broyden and a peer of the same method and history both ran on a "
+    "problem with a result to compare (select more problems or solvers, or raise --budget)."
+)
+
+
+def _count_checks(targets):
+    """``(failed, checked)`` target checks (a check that does not apply is not counted)."""
+    failed = sum(t["evals_ok"] is False for t in targets) + sum(t["time_ok"] is False for t in targets)
+    checked = sum(t["evals_ok"] is not None for t in targets) + sum(t["time_ok"] is not None for t in targets)
+    return failed, checked
+
+
 def _mark(ok):
     return "n/a" if ok is None else ("✓" if ok else "✗ **LOSS**")
 
@@ -164,8 +207,11 @@ def _write_markdown(path, results, problems_list, adapters, targets, meta):
             f"{_fmt(t['peer_evals'], '{}')} | {_mark(t['evals_ok'])} | {_fmt(t['ours_ms'], '{:.3g}')} | "
             f"{_fmt(t['peer_ms'], '{:.3g}')} | {_mark(t['time_ok']) if t['time_checked'] else ''} |"
         )
-    n_fail = sum(t["evals_ok"] is False for t in targets) + sum(t["time_ok"] is False for t in targets)
-    lines += ["", f"Target checks failed: **{n_fail}** of {sum(t['evals_ok'] is not None for t in targets) + sum(t['time_ok'] is not None for t in targets)}.", ""]
+    n_fail, n_checked = _count_checks(targets)
+    if n_checked:
+        lines += ["", f"Target checks failed: **{n_fail}** of {n_checked}.", ""]
+    else:
+        lines += ["", f"**No target was checked**: {_NOTHING_CHECKED}", ""]
 
     losses = _losses(results, adapters)
     lines += [
@@ -400,8 +446,12 @@ def _run(args, t_start) -> int:
         ],
     )
     (out / "results.json").write_text(json.dumps(payload, indent=1))
-    n_fail = sum(t["evals_ok"] is False for t in targets) + sum(t["time_ok"] is False for t in targets)
-    print(f"wrote {out / 'report.md'} ({len(results)} results, {n_fail} failed target checks) in {runtime:.0f} s")
+    n_fail, n_checked = _count_checks(targets)
+    print(f"wrote {out / 'report.md'} ({len(results)} results) in {runtime:.0f} s")
+    if not n_checked:
+        print(f"error: no target was checked: {_NOTHING_CHECKED}", file=sys.stderr)
+        return 1
+    print(f"target checks: {n_fail} failed of {n_checked}")
     return 0
 
 

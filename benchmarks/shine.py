@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{100 * float(jnp.mean(rec.converged)):.0f}%; exact backward: "
             f"{float(jnp.mean(s_ref.num_steps)):.1f} steps, failed {int(jnp.sum(s_ref.failed))}\n"
         )
-        print("| backward | steps / digit | failed | cosine (mean, min) | rel. error (median, max) | time (s) |")
+        print(
+            "| backward | steps / digit | failed | cosine (mean, min) | rel. error (median, max) | time (s) |"
+        )
         print("| --- | --- | --- | --- | --- | --- |")
         for name, adjoint in _rows(args.backward_tol, 200).items():
             (g, stats, _), seconds = grads(adjoint)

@@ -117,14 +117,45 @@ def test_report_end_to_end(tmp_path):
     pytest.importorskip("tqdm")
     from . import report
 
+    # Our Anderson and SciPy's of the same history: one target to check.
     code = report.main(
-        ["--smoke", "--problems", "linear-*", "--solvers", "fp.Anderson*", "--out", str(tmp_path), "--threads", "0", "--quiet"]
+        ["--smoke", "--problems", "linear-*", "--solvers", "*nderson(*=5)", "--out", str(tmp_path), "--threads", "0", "--quiet"]
     )
     assert code == 0
     text = (tmp_path / "report.md").read_text()
-    assert "linear-n50-rho0.9" in text and "fp.Anderson(m=5)" in text
+    assert "linear-n50-rho0.9" in text and "fp.Anderson(m=5)" in text and "scipy.anderson(M=5)" in text
+    assert "Target checks failed: **0** of 1." in text
     assert (tmp_path / "plots" / "linear-n50-rho0.9.png").exists()
     assert (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--tol", "-1"), ("--tol", "nan"), ("--tol", "0"), ("--tol", "1"), ("--tol", "inf"),
+     ("--budget", "0"), ("--budget", "-3"), ("--threads", "-1")],
+)
+def test_report_refuses_invalid_options(option, value, tmp_path, capsys):
+    from . import report
+
+    with pytest.raises(SystemExit) as info:
+        report.main(["--smoke", option, value, "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert f"argument {option}: must be" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_is_no_success_when_nothing_was_checked(tmp_path, capsys):
+    """Our Anderson alone: results, but no peer to check a target against."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    from . import report
+
+    code = report.main(
+        ["--smoke", "--problems", "linear-*", "--solvers", "fp.Anderson*", "--out", str(tmp_path), "--threads", "0", "--quiet", "--no-plots"]
+    )
+    assert code == 1
+    assert "no target was checked" in capsys.readouterr().err
+    assert "**No target was checked**" in (tmp_path / "report.md").read_text()
 
 
 # ----------------------------------------------------------------------------------
@@ -214,7 +245,7 @@ def test_report_lists_unavailable_problems(tmp_path, monkeypatch):
         ["--smoke", "--problems", "mnist-deq-trained*", "--out", str(tmp_path / "out"),
          "--mnist-checkpoint", str(tmp_path / "nothing-here"), "--threads", "0", "--quiet", "--no-plots"]
     )
-    assert code == 0
+    assert code == 1  # nothing was run, so nothing was checked
     text = (tmp_path / "out" / "report.md").read_text()
     assert "Problems not run" in text and "nothing-here" in text
 

@@ -68,24 +68,27 @@ def check_real(
     low_open: bool = False,
     high_open: bool = False,
     allow_none: bool = False,
+    finite: bool = False,
 ) -> None:
     """Raise `ValueError` naming `name` unless `value` is a real scalar in the interval
-    from `low` to `high` (closed unless `low_open` / `high_open`). A traced value is
-    accepted if it is a real 0-d array; its range cannot be checked."""
+    from `low` to `high` (closed unless `low_open` / `high_open`), and not infinite if
+    `finite`. A traced value is accepted if it is a real 0-d array; its range cannot be
+    checked."""
     allowed = _interval(low, high, low_open, high_open)
+    what = "a finite real number" if finite else "a real number"
     if value is None and allow_none:
         return
     kind = _dtype_kind(value)
     if kind not in ("i", "u", "f"):
-        raise ValueError(f"`{name}` must be a real number {allowed}, got {_describe(value)}.")
+        raise ValueError(f"`{name}` must be {what} {allowed}, got {_describe(value)}.")
     if _is_traced(value):
         return
     v = float(value)  # pyright: ignore[reportArgumentType]  (a real scalar, checked above)
-    ok = not math.isnan(v)
+    ok = not math.isnan(v) and not (finite and math.isinf(v))
     ok = ok and (v > low if low_open else v >= low)
     ok = ok and (v < high if high_open else v <= high)
     if not ok:
-        raise ValueError(f"`{name}` must be a real number {allowed}, got {value!r}.")
+        raise ValueError(f"`{name}` must be {what} {allowed}, got {value!r}.")
 
 
 def check_int(

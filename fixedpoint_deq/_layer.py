@@ -25,6 +25,46 @@ def _cell_fn(z, args):
 
 _INITS = ("zero", "random")
 
+# What a name given as `DEQ(solver=...)` / `DEQ(adjoint=...)` builds: the forward solver of
+# that name with the layer's default tolerances and norm (see `DEQ`), and the adjoints.
+SOLVER_NAMES = ("anderson", "broyden", "neumann", "picard")
+ADJOINT_NAMES = ("implicit", "phantom", "jfb")
+_SOLVER_KINDS = (
+    optx.AbstractRootFinder,
+    optx.AbstractFixedPointSolver,
+    optx.AbstractLeastSquaresSolver,
+    optx.AbstractMinimiser,
+)
+
+
+def _default_adjoint() -> fp.ImplicitAdjoint:
+    return fp.ImplicitAdjoint(
+        fp.linear.Anderson(m=5, rtol=1e-3, atol=1e-9, norm=optx.rms_norm, max_steps=30),
+        throw=False,
+    )
+
+
+def _as_solver(solver: optx.AbstractRootFinder | str) -> optx.AbstractRootFinder:
+    """Field converter: a name becomes the root finder of that name (DEQ defaults)."""
+    if isinstance(solver, str):
+        check_choice("solver", solver, SOLVER_NAMES)
+        return fp.solver_from_name(solver, rtol=1e-3, atol=1e-5, norm=optx.rms_norm)
+    return solver
+
+
+def _as_adjoint(adjoint: optx.AbstractAdjoint | str) -> optx.AbstractAdjoint:
+    """Field converter: a name becomes the adjoint of that name."""
+    if isinstance(adjoint, str):
+        check_choice("adjoint", adjoint, ADJOINT_NAMES)
+        if adjoint == "implicit":
+            return _default_adjoint()
+        return fp.PhantomAdjoint() if adjoint == "phantom" else fp.JacobianFreeAdjoint()
+    return adjoint
+
+
+def _describe(tree: PyTree) -> str:
+    return str(jtu.tree_map(lambda s: f"{s.dtype}{list(s.shape)}", tree))
+
 
 class DEQRecord(eqx.Module):
     """What one call of a [`fixedpoint_deq.DEQ`][] reports (per sample under `vmap`).
@@ -65,6 +105,12 @@ class DEQ(eqx.Module):
     approximations of `fixedpoint`). Gradients flow to every parameter of the cell and
     to the input `x` (the injection).
 
+    `solver` and `adjoint` may also be given by name: `solver="anderson"`,
+    `"broyden"`, `"neumann"` or `"picard"` (built by [`fixedpoint.solver_from_name`][]
+    with the default's tolerances and norm: `rtol=1e-3, atol=1e-5, norm=optx.rms_norm`);
+    `adjoint="implicit"` (the default), `"phantom"` ([`fixedpoint.PhantomAdjoint`][]) or
+    `"jfb"` ([`fixedpoint.JacobianFreeAdjoint`][]). Another value raises `ValueError`.
+
     Call it on one sample and `jax.vmap` it over a batch: each sample then stops on
     its own tolerance and reports its own statistics.
 
@@ -94,13 +140,11 @@ class DEQ(eqx.Module):
     # Defaults for DEQ states: the RMS norm (the max norm over thousands of elements is
     # needlessly strict for a layer); backward: a purely relative rule (atol tiny),
     # since the cotangent's scale depends on the loss (e.g. 1 / batch size).
-    solver: optx.AbstractRootFinder = fp.Anderson(
-        m=5, beta=1.0, rtol=1e-3, atol=1e-5, norm=optx.rms_norm
+    solver: optx.AbstractRootFinder = eqx.field(
+        default=fp.Anderson(m=5, beta=1.0, rtol=1e-3, atol=1e-5, norm=optx.rms_norm),
+        converter=_as_solver,
     )
-    adjoint: optx.AbstractAdjoint = fp.ImplicitAdjoint(
-        fp.linear.Anderson(m=5, rtol=1e-3, atol=1e-9, norm=optx.rms_norm, max_steps=30),
-        throw=False,
-    )
+    adjoint: optx.AbstractAdjoint = eqx.field(default=_default_adjoint(), converter=_as_adjoint)
     max_steps: int = eqx.field(static=True, default=30, converter=as_int)
     init: Literal["zero", "random"] = eqx.field(static=True, default="zero")
     init_scale: float = eqx.field(static=True, default=1.0)
@@ -108,16 +152,35 @@ class DEQ(eqx.Module):
     throw: bool = eqx.field(static=True, default=False)
     inference: bool = False
     eval_max_steps: int | None = eqx.field(static=True, default=None, converter=as_int)
-    eval_solver: optx.AbstractRootFinder | None = None
+    eval_solver: optx.AbstractRootFinder | None = eqx.field(
+        default=None, converter=lambda s: None if s is None else _as_solver(s)
+    )
     correction: FixedPointCorrection | None = None
 
     def __check_init__(self) -> None:
+        if not isinstance(self.solver, _SOLVER_KINDS):
+            raise ValueError(
+                "`solver` must be an optimistix root finder or fixed-point solver (e.g. "
+                f"`fixedpoint.Anderson()`) or one of the names {SOLVER_NAMES}; got "
+                f"{self.solver!r}."
+            )
+        if not isinstance(self.adjoint, optx.AbstractAdjoint):
+            raise ValueError(
+                "`adjoint` must be an `optx.AbstractAdjoint` (e.g. "
+                f"`fixedpoint.ImplicitAdjoint()`) or one of the names {ADJOINT_NAMES}; got "
+                f"{self.adjoint!r}."
+            )
         check_choice("init", self.init, _INITS)
         check_int("max_steps", self.max_steps, low=1)
         check_int("jac_reg_samples", self.jac_reg_samples, low=1)
         check_real("init_scale", self.init_scale)
         check_bool("throw", self.throw)
         check_bool("inference", self.inference)
+        if self.eval_solver is not None and not isinstance(self.eval_solver, _SOLVER_KINDS):
+            raise ValueError(
+                "`eval_solver` must be None, an optimistix root finder or fixed-point solver "
+                f"or one of the names {SOLVER_NAMES}; got {self.eval_solver!r}."
+            )
         check_int("eval_max_steps", self.eval_max_steps, low=1, allow_none=True)
         if self.correction is not None:
             if not isinstance(self.correction, FixedPointCorrection):
@@ -130,9 +193,15 @@ class DEQ(eqx.Module):
     def initial_state(
         self, like: PyTree[Array], key: PRNGKeyArray | None = None
     ) -> PyTree[Array]:
-        """The starting point `init` prescribes, with the structure of `like`."""
+        """The starting point `init` prescribes, with the structure, shapes and dtypes of
+        `like` (arrays or `jax.ShapeDtypeStruct`s)."""
         if self.init == "zero":
-            return jtu.tree_map(jnp.zeros_like, like)
+            return jtu.tree_map(
+                lambda leaf: jnp.zeros(leaf.shape, leaf.dtype)
+                if isinstance(leaf, jax.ShapeDtypeStruct)
+                else jnp.zeros_like(leaf),
+                like,
+            )
         if key is None:
             raise ValueError("`init='random'` needs a `key`.")
         leaves, treedef = jtu.tree_flatten(like)
@@ -174,9 +243,11 @@ class DEQ(eqx.Module):
         - `key`: a PRNG key, needed for `init="random"`, for `jac_reg`, and for a cell
             holding an active [`fixedpoint_deq.VariationalDropout`][] (one key per
             sample under `vmap`: one mask per sample).
-        - `z0`: a starting point (warm start, see [`fixedpoint_deq.FixedPointCache`][]).
-            Default: from `init`, with the structure of `x` (the usual case of an
-            injection shaped like the state).
+        - `z0`: a starting point (warm start, see [`fixedpoint_deq.FixedPointCache`][]),
+            or `jax.ShapeDtypeStruct`s giving the state's structure, shapes and dtypes
+            (the start is then from `init`). Default: from `init`, with the structure of
+            `x` (the usual case of an injection shaped like the state); a state shaped
+            otherwise needs `z0`.
         - `jac_reg`: also return the Hutchinson estimate of `||J_f(z*)||_F^2 / d`
             (differentiable; add it to the loss to keep the cell contractive). A traced
             boolean computes it under `lax.cond` (see
@@ -195,8 +266,11 @@ class DEQ(eqx.Module):
             init_key, reg_key = jax.random.split(key)
         else:
             init_key = reg_key = None
+        default_start = z0 is None
         if z0 is None:
             z0 = self.initial_state(x, init_key)
+        elif any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jtu.tree_leaves(z0)):
+            z0 = self.initial_state(z0, init_key)
         inference = self.inference if inference is None else inference
         solver, max_steps = self.solver, self.max_steps
         if inference:
@@ -204,6 +278,7 @@ class DEQ(eqx.Module):
             max_steps = max_steps if self.eval_max_steps is None else self.eval_max_steps
         correction = None if inference else self.correction
         args = (self.prepared_cell(key, inference=inference), x)
+        self._check_state(z0, args, default_start)
         sol = optx.fixed_point(
             _cell_fn,
             solver if correction is None else correction.recording(solver),
@@ -254,15 +329,49 @@ class DEQ(eqx.Module):
         )
         return z_star, record
 
+    def _check_state(self, z0: PyTree[Array], args, default_start: bool) -> None:
+        """At trace time: the cell must map a state like `z0` to one like it. Without
+        `z0` the start is shaped like `x`, the usual cause of a mismatch: say so."""
+        z0 = jtu.tree_map(lambda z: jax.ShapeDtypeStruct(jnp.shape(z), jnp.result_type(z)), z0)
+        hint = (
+            "Without `z0` the starting state is shaped like the input `x` "
+            f"({_describe(z0)}); if the state is shaped otherwise, pass `z0` (a starting "
+            "state, or `jax.ShapeDtypeStruct`s of the state, started from `init`)."
+        )
+        try:
+            out = eqx.filter_eval_shape(_cell_fn, z0, args)
+        except Exception as e:
+            if default_start:
+                raise ValueError(f"DEQ: the cell failed on the starting state: {e}\n{hint}") from e
+            raise ValueError(
+                f"DEQ: the cell failed on the starting state `z0` ({_describe(z0)}): {e}"
+            ) from e
+        same = jtu.tree_structure(out) == jtu.tree_structure(z0) and all(
+            (o.shape, o.dtype) == (z.shape, z.dtype)
+            for o, z in zip(jtu.tree_leaves(out), jtu.tree_leaves(z0))
+        )
+        if not same:
+            message = (
+                "DEQ: the cell must return a state with the structure, shapes and dtypes of "
+                f"the state it is given; it maps {_describe(z0)} to {_describe(out)}."
+            )
+            if default_start:
+                message += "\n" + hint
+            else:
+                message += " Check `z0` against what the cell returns."
+            raise ValueError(message)
+
 
 DEQ.__init__.__doc__ = """**Arguments:**
 
 - `cell`: the map `cell(z, x) -> z`, usually an `eqx.Module` holding the parameters.
 - `solver`: the forward root finder; default [`fixedpoint.Anderson`][] with `m = 5`,
-    `rtol = 1e-3`, `atol = 1e-5` in the RMS norm.
+    `rtol = 1e-3`, `atol = 1e-5` in the RMS norm. Or a name: `"anderson"`,
+    `"broyden"`, `"neumann"`, `"picard"` (that solver with these tolerances and norm).
 - `adjoint`: the backward pass; default [`fixedpoint.ImplicitAdjoint`][] with
     [`fixedpoint.linear.Anderson`][] (`rtol = 1e-3`, at most 30 steps) and
-    `throw=False`.
+    `throw=False`. Or a name: `"implicit"` (the default), `"phantom"`
+    ([`fixedpoint.PhantomAdjoint`][]), `"jfb"` ([`fixedpoint.JacobianFreeAdjoint`][]).
 - `max_steps`: (>= 1) the most forward steps.
 - `init`: the starting point when no `z0` is given: `"zero"`, or `"random"` (normal
     noise of scale `init_scale`, from the call's `key`).
@@ -270,4 +379,14 @@ DEQ.__init__.__doc__ = """**Arguments:**
 - `jac_reg_samples`: (>= 1) probes of the Jacobian penalty (`jac_reg=True`).
 - `throw`: raise when the forward solve fails, instead of reporting it in the
     record.
+- `inference`: evaluation mode (usually set by `eqx.nn.inference_mode`): solve with
+    `eval_solver` / `eval_max_steps`, no dropout, no power iteration, no correction
+    states.
+- `eval_max_steps`: (>= 1 or None) the forward budget in inference mode (default:
+    `max_steps`).
+- `eval_solver`: the forward solver in inference mode, e.g. a tighter tolerance, or a
+    name as for `solver` (default: `solver`).
+- `correction`: a [`fixedpoint_deq.FixedPointCorrection`][]: also return
+    phantom-differentiable states of the forward solve in `record.states` (training
+    mode); its steps must lie within `max_steps`.
 """

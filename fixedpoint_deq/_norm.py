@@ -327,6 +327,11 @@ def _map_normalised(fn: Callable[[NormalisedLayer], Any], tree: PyTree) -> PyTre
     )
 
 
+def has_normalisation(tree: PyTree) -> bool:
+    """Whether `tree` holds a [`fixedpoint_deq.NormalisedLayer`][]."""
+    return any(_is_normalised(node) for node in jtu.tree_leaves(tree, is_leaf=_is_normalised))
+
+
 def update_normalisation(tree: PyTree) -> PyTree:
     """`tree` with the power iteration of every spectrally normalised layer advanced by
     its `power_iterations` steps on the current weights (torchdeq's `reset_norm`).
@@ -349,8 +354,7 @@ def prepare_normalised_cell(cell: PyTree, inference: bool) -> PyTree:
     """What a DEQ call solves with: the power iteration advanced (unless `inference`),
     then every normalisation folded into plain weights. `cell` itself is returned when
     it holds no normalised layer."""
-    leaves = jtu.tree_leaves(cell, is_leaf=_is_normalised)
-    if not any(_is_normalised(node) for node in leaves):
+    if not has_normalisation(cell):
         return cell
 
     def prepare(layer: NormalisedLayer) -> Any:

@@ -7,6 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from equinox.internal import ω
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 import fixedpoint as fp
@@ -51,10 +52,11 @@ class FixedPointSolver(eqx.Module):
 
     **Statistics.** Always: `fwd_steps`, `fwd_residual` (relative, $\|f(x^*) -
     x^*\| / \|x^*\|$ in the max norm) and `fwd_converged`. With `solver_stats=True` a
-    backward solve with cotangent $v = 1$ is also run (one extra forward and backward
-    pass: use it to monitor training, not at every step), adding
-    `bwd_steps`, `bwd_residual` (of $w - v - J_f^\top w$, relative to $\|v\| = 1$) and
-    `bwd_converged`.
+    backward solve with cotangent $v = 1$ is also run at $x^*$ (one extra backward
+    pass, no second forward solve: use it to monitor training, not at every step),
+    adding `bwd_steps`, `bwd_residual` (of $w - v - J_f^\top w$, relative to
+    $\|v\| = 1$) and `bwd_converged`. That solve is kept out of differentiation: `jax.grad`
+    through `x_star` and `jac_reg` is the same with and without `solver_stats`.
     """
 
     fwd_solver: str = eqx.field(static=True, default="anderson")
@@ -122,32 +124,51 @@ class FixedPointSolver(eqx.Module):
         deq = self._deq(f)
         x = jnp.asarray(x)
         z0 = deq.initial_state(jtu.tree_map(jnp.zeros_like, x), init_key)
-        if solver_stats:
-
-            def solve(a_and_adjoint):
-                _a, _adjoint = a_and_adjoint
-                _deq = eqx.tree_at(lambda d: d.adjoint, deq, _adjoint)
-                return _deq(_a, z0=z0, key=reg_key, jac_reg=True)
-
-            (x_star, record), vjp = eqx.filter_vjp(solve, (a, deq.adjoint))
-            ones = jtu.tree_map(jnp.ones_like, x_star)
-            zero_record = jtu.tree_map(
-                lambda r: jnp.zeros_like(r) if eqx.is_inexact_array(r) else None, record
-            )
-            ((_, adjoint_ct),) = vjp((ones, zero_record))
-            bwd = adjoint_ct.stats
-        else:
-            x_star, record = deq(a, z0=z0, key=reg_key, jac_reg=True)
+        x_star, record = deq(a, z0=z0, key=reg_key, jac_reg=True)
         stats = {
             "fwd_steps": record.num_steps,
             "fwd_residual": record.relative_residual,
             "fwd_converged": record.converged,
         }
         if solver_stats:
+            assert isinstance(deq.adjoint, fp.ImplicitAdjoint)  # built by `_deq`
+            bwd = _backward_stats(deq.adjoint, f, a, x_star)
             stats["bwd_steps"] = bwd.num_steps
             stats["bwd_residual"] = bwd.residual_norm
             stats["bwd_converged"] = bwd.failed == 0
         return x_star, record.jac_reg, stats
+
+
+def _backward_stats(
+    adjoint: fp.ImplicitAdjoint, f: Callable, a: PyTree, x_star: Array
+) -> fp.BackwardStats:
+    """The statistics of the backward pass `adjoint` runs at `x_star` for the cotangent
+    $v = 1$, computed apart from the differentiated computation.
+
+    The solve runs on stop-gradient'ed copies of `x_star`, `a` and of whatever `f`
+    closes over (`eqx.filter_closure_convert` makes those explicit), so no derivative
+    flows into it: `jax.grad` of a loss of `x_star` is the same with and without it
+    (a `lax.while_loop` with a dynamic trip count cannot be reverse-differentiated, and
+    need not be: its results are statistics). It is the backward pass `jax.grad` runs
+    through `x_star`, at the same point with the same solver, but needs no second
+    forward solve.
+    """
+    fn = eqx.filter_closure_convert(f, x_star, a)
+    dynamic, static = eqx.partition((fn, a, x_star), eqx.is_array)
+    fn, a, root = eqx.combine(jax.lax.stop_gradient(dynamic), static)
+
+    def g_root(z):
+        # The adjoint's residual function: the root of g(z) = f(z, a) - z is x*.
+        return (fn(z, a) ** ω - z**ω).ω
+
+    _, vjp_g = jax.vjp(g_root, root)
+
+    def vjp_root(u):
+        return vjp_g(u)[0]
+
+    ones = jtu.tree_map(jnp.ones_like, root)
+    _, (num_steps, residual_norm, failed) = adjoint._backward(vjp_root, root, ones)
+    return fp.BackwardStats(num_steps=num_steps, residual_norm=residual_norm, failed=failed)
 
 
 FixedPointSolver.__init__.__doc__ = """**Arguments:**

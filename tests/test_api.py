@@ -128,6 +128,54 @@ def test_deq_and_seed_use_the_same_rules():
         FixedPointSolver(bwd_tol=-1.0)
 
 
+def test_deq_takes_solver_and_adjoint_names_and_refuses_others():
+    cell = lambda z, x: 0.5 * jnp.tanh(z) + x
+    assert DEQ(cell, solver="anderson").solver == DEQ(cell).solver
+    assert DEQ(cell, adjoint="implicit").adjoint == DEQ(cell).adjoint
+    for name, cls in [("broyden", fp.Broyden), ("neumann", fp.Neumann), ("picard", fp.Neumann)]:
+        solver = DEQ(cell, solver=name).solver
+        assert type(solver) is cls and solver.rtol == 1e-3 and solver.norm is optx.rms_norm
+    assert isinstance(DEQ(cell, adjoint="phantom").adjoint, fp.PhantomAdjoint)
+    assert isinstance(DEQ(cell, adjoint="jfb").adjoint, fp.JacobianFreeAdjoint)
+    z, record = DEQ(cell, solver="broyden", adjoint="jfb")(jnp.ones(3))
+    np.testing.assert_allclose(z, cell(z, jnp.ones(3)), atol=1e-3)
+    with pytest.raises(ValueError, match="`solver` must be one of 'anderson', 'broyden'"):
+        DEQ(cell, solver="newton")
+    with pytest.raises(ValueError, match="`adjoint` must be one of 'implicit', 'phantom', 'jfb'"):
+        DEQ(cell, adjoint="exact")
+    with pytest.raises(ValueError, match="`solver` must be an optimistix root finder"):
+        DEQ(cell, solver=fp.ImplicitAdjoint())  # pyright: ignore[reportArgumentType]
+    with pytest.raises(ValueError, match="`adjoint` must be an `optx.AbstractAdjoint`"):
+        DEQ(cell, adjoint=fp.Anderson())  # pyright: ignore[reportArgumentType]
+
+
+def test_deq_state_shaped_unlike_x_needs_z0_and_says_so():
+    """A state of 4 driven by an input of 3: without `z0` the start is shaped like `x`;
+    the error names `z0` (at trace time, under `jit` too) instead of failing inside the
+    cell. A `jax.ShapeDtypeStruct` for `z0` gives the state's shape."""
+    w = 0.1 * jnp.ones((4, 4))
+    u = jnp.ones((4, 3))
+    deq = DEQ(lambda z, x: jnp.tanh(w @ z + u @ x))
+    x = jnp.ones(3)
+    message = r"shaped like the input `x` \(float32\[3\]\).*pass `z0`"
+    for call, arg in ((deq, x), (eqx.filter_jit(deq), x), (jax.vmap(deq), jnp.ones((2, 3)))):
+        with pytest.raises(ValueError, match=message):
+            call(arg)
+    # A cell that runs on a start shaped like `x` but returns another shape.
+    with pytest.raises(ValueError, match=r"(?s)maps float32\[3\] to float32\[4\].*pass `z0`"):
+        DEQ(lambda z, x: jnp.tanh(u @ z))(x)
+    # Given `z0`: as arrays, or as its shape and dtype (started from `init`).
+    z_explicit, _ = deq(x, z0=jnp.zeros(4))
+    z_struct, record = eqx.filter_jit(deq)(x, z0=jax.ShapeDtypeStruct((4,), jnp.float32))
+    np.testing.assert_array_equal(z_explicit, z_struct)
+    assert z_struct.shape == (4,) and bool(record.converged)
+    random = DEQ(deq.cell, init="random", init_scale=0.1)
+    z_random, _ = random(x, z0=jax.ShapeDtypeStruct((4,), jnp.float32), key=jax.random.key(0))
+    np.testing.assert_allclose(z_random, z_explicit, atol=1e-3)
+    with pytest.raises(ValueError, match=r"failed on the starting state `z0` \(float32\[5\]\)"):
+        deq(x, z0=jnp.zeros(5))
+
+
 # --------------------------------------------------------------------------- factories
 
 

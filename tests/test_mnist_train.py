@@ -4,8 +4,11 @@ Fast by design (small width, a few hundred real digits, few solver steps); the r
 MNIST is read from ``../shared/data/mnist`` (or ``$FIXEDPOINT_MNIST_DIR``).
 """
 
+import dataclasses
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 import textwrap
@@ -24,7 +27,8 @@ import fixedpoint as fp
 import fixedpoint_deq as fd
 from fixedpoint_deq import DEQ
 from fixedpoint_deq.mnist import train as tr
-from fixedpoint_deq.mnist.model import _norm_hwc, ConvCell, conv3x3
+from fixedpoint_deq.mnist.model import _norm_hwc, conv3x3, ConvCell
+
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("FIXEDPOINT_MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
@@ -319,7 +323,7 @@ def test_help_lists_every_option():
         "--backward-solver", "--backward-max-steps", "--backward-tol", "--phantom-steps",
         "--phantom-beta", "--jac-reg", "--width", "--seed", "--checkpoint-dir",
         "--resume", "--train-subset", "--test-subset", "--quick", "--out-dir",
-        "--distributed", "../shared/data/mnist",
+        "--distributed", "--overwrite", "../shared/data/mnist",
     ):
         assert option in text, option
 
@@ -388,6 +392,257 @@ def test_config_refuses_bad_values_naming_them():
 def test_config_from_a_checkpoint_of_an_earlier_version():
     config = tr.Config.from_dict({"phantom_damping": 0.25, "width": 4, "unknown": 1})
     assert config.phantom_beta == 0.25 and config.width == 4
+
+
+def test_cli_numbers_are_checked_by_the_config_rules():
+    """Every numeric option has a rule in its `Config` field's metadata; the parser and
+    `Config.check` apply the same rule (a value just outside the range fails both)."""
+    import dataclasses
+
+    from fixedpoint_deq.mnist.__main__ import config_from_args
+    from fixedpoint_deq.mnist.config import Integer, Real
+
+    checked = 0
+    for field in dataclasses.fields(tr.Config):
+        rule = field.metadata["rule"]
+        if isinstance(field.default, (int, float)) and not isinstance(field.default, bool):
+            assert rule is not None, field.name  # no number goes unchecked
+        if rule is None:
+            continue
+        if isinstance(rule, Integer):
+            bad = [rule.low - 1] + ([] if rule.high is None else [rule.high + 1])
+        else:
+            assert isinstance(rule, Real)
+            bad = [float("nan"), float("inf"), rule.low if rule.low_open else rule.low - 1]
+        for value in bad:
+            kwargs: dict[str, Any] = {field.name: value}
+            with pytest.raises(ValueError, match=f"`{field.name}`"):
+                tr.Config(**kwargs).check()
+            with pytest.raises(SystemExit) as info:
+                config_from_args(["--" + field.name.replace("_", "-"), str(value)])
+            assert info.value.code == 2
+            checked += 1
+    assert checked >= 40
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--lr", "inf"], "--lr"),
+        (["--weight-decay", "nan"], "--weight-decay"),
+        (["--jac-reg", "nan"], "--jac-reg"),
+        (["--clip-norm", "-1"], "--clip-norm"),
+        (["--clip-norm", "0"], "--clip-norm"),
+        (["--fwd-tol", "nan"], "--fwd-tol"),
+        (["--batch-size", "300", "--train-subset", "256"], "--batch-size"),
+        (["--batch-size", "60001"], "--batch-size"),
+        (["--groups", "5", "--width", "12"], "--groups"),
+        (["--resume"], "--checkpoint-dir"),
+        (["--resume", "--overwrite", "--checkpoint-dir", "ckpt"], "--overwrite"),
+    ],
+)
+def test_cli_refuses_invalid_settings_as_usage_errors(argv, option, capsys):
+    from fixedpoint_deq.mnist.__main__ import config_from_args
+
+    with pytest.raises(SystemExit) as info:
+        config_from_args(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fixedpoint-mnist") and option in err.splitlines()[-1], err
+
+
+# --------------------------------------------------------------------------- never lose a model
+
+
+def _saved_checkpoint(directory: Path, epoch: int = 1) -> tr.Config:
+    """The checkpoint of an untrained model, written as `train` writes one (no training)."""
+    config = tr.Config(**SMALL, checkpoint_dir=str(directory))
+    model = tr.make_model(config)
+    opt_state = tr.make_optimizer(config, 16).init(eqx.filter(model, eqx.is_inexact_array))
+    tr.save_checkpoint(directory, epoch, model, opt_state, jax.random.key(3), [], config)
+    return config
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _cli(*args: str) -> list[str]:
+    """The command line of `SMALL`, plus `args`."""
+    argv = ["--no-progress"]
+    for k, v in SMALL.items():
+        argv += ["--" + k.replace("_", "-"), str(v)]
+    return argv + list(args)
+
+
+def test_a_run_refuses_a_directory_holding_a_checkpoint(tmp_path, capsys):
+    """Without `--resume` or `--overwrite`, a checkpoint in the way stops the run before
+    anything is read or written (the data directory here does not even exist)."""
+    from fixedpoint_deq.mnist.__main__ import main
+    from fixedpoint_deq.mnist.data import MNISTDataError
+
+    ckpt = tmp_path / "ckpt"
+    _saved_checkpoint(ckpt)
+    before = _files(ckpt)
+    no_data = str(tmp_path / "no-data")
+    config = tr.Config(**SMALL, data_dir=no_data, checkpoint_dir=str(ckpt))
+    with pytest.raises(tr.SetupError, match="(?s)holds the checkpoint.*`resume`.*`overwrite`"):
+        tr.train(config, progress=False)
+    assert main(_cli("--data-dir", no_data, "--checkpoint-dir", str(ckpt))) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.json" in err and "--resume" in err and "--overwrite" in err
+    assert _files(ckpt) == before
+    # With either flag the run goes on (to the data, missing here).
+    for flag in ("resume", "overwrite"):
+        with pytest.raises(MNISTDataError):
+            tr.train(dataclasses.replace(config, **{flag: True}), progress=False)
+    assert _files(ckpt) == before
+
+
+@needs_data
+def test_overwrite_replaces_the_checkpoint_once_an_epoch_is_saved(tmp_path, digits):
+    ckpt = tmp_path / "ckpt"
+    config = _saved_checkpoint(ckpt, epoch=2)
+    result = tr.train(dataclasses.replace(config, overwrite=True), digits, progress=False,
+                      log=lambda s: None, stop_after_epoch=1)
+    assert result.epoch == 1
+    meta = json.loads((ckpt / tr.CHECKPOINT_JSON).read_text())
+    assert meta["epoch"] == 1 and sorted(_files(ckpt)) == [tr.CHECKPOINT_JSON, "ckpt-0001.eqx"]
+
+
+def test_output_paths_are_checked_before_anything_runs(tmp_path, capsys):
+    from fixedpoint_deq.mnist.__main__ import main
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    no_data = str(tmp_path / "no-data")
+    for name, path, what in [
+        ("checkpoint_dir", a_file, "is not a directory"),
+        ("out_dir", a_file / "out", "cannot create the directory"),
+    ]:
+        where: dict[str, Any] = {name: str(path)}
+        config = tr.Config(**SMALL, data_dir=no_data, **where)
+        with pytest.raises(tr.SetupError, match=f"`{name}`: .*{what}"):
+            tr.train(config, progress=False)
+        flag = "--" + name.replace("_", "-")
+        assert main(_cli("--data-dir", no_data, flag, str(path))) == 2
+        assert f"{flag}: " in capsys.readouterr().err
+    if os.geteuid() != 0:  # (root writes whatever the permissions say)
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(tr.SetupError, match="cannot write in the directory"):
+            tr.prepare_run(tr.Config(out_dir=str(locked)))
+    # Missing directories are created at the start.
+    tr.prepare_run(tr.Config(checkpoint_dir=str(tmp_path / "new" / "ckpt")))
+    assert (tmp_path / "new" / "ckpt").is_dir()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncated", r"ckpt-0001\.eqx: not a checkpoint of this model, or truncated or corrupt"),
+        ("longer", r"ckpt-0001\.eqx: holds more data than this model"),
+        ("bad_json", r"checkpoint\.json: not valid JSON"),
+        ("missing_key", r"checkpoint\.json: the key 'file' is missing"),
+        ("wrong_type", r"checkpoint\.json: 'epoch' should be a JSON integer"),
+        ("missing_eqx", r"checkpoint\.json: names ckpt-0001\.eqx, which is missing"),
+    ],
+)
+def test_a_corrupt_checkpoint_names_the_file_and_the_fault(tmp_path, damage, message, capsys):
+    from fixedpoint_deq.mnist.__main__ import main
+
+    ckpt = tmp_path / "ckpt"
+    config = _saved_checkpoint(ckpt)
+    meta_path, eqx_path = ckpt / tr.CHECKPOINT_JSON, ckpt / "ckpt-0001.eqx"
+    meta = json.loads(meta_path.read_text())
+    if damage == "truncated":
+        eqx_path.write_bytes(eqx_path.read_bytes()[:-100])
+    elif damage == "longer":
+        eqx_path.write_bytes(eqx_path.read_bytes() + b"\0" * 8)
+    elif damage == "bad_json":
+        meta_path.write_text(meta_path.read_text()[:-20])
+    elif damage == "missing_key":
+        meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "file"}))
+    elif damage == "wrong_type":
+        meta_path.write_text(json.dumps(dict(meta, epoch="1")))
+    else:
+        eqx_path.unlink()
+    with pytest.raises(tr.CheckpointError, match=message):
+        tr.load_model(ckpt)
+    model = tr.make_model(config)
+    opt_state = tr.make_optimizer(config, 16).init(eqx.filter(model, eqx.is_inexact_array))
+    with pytest.raises(tr.CheckpointError, match=message):
+        tr.load_checkpoint(ckpt, model, opt_state, jax.random.key(0))
+    if damage in ("bad_json", "missing_key", "wrong_type", "missing_eqx"):
+        # Found when the run starts (before the data are read): exit status 1.
+        no_data = str(tmp_path / "no-data")
+        assert main(_cli("--data-dir", no_data, "--checkpoint-dir", str(ckpt), "--resume")) == 1
+        assert re.search(message, capsys.readouterr().err)
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    for umask, mode in ((0o027, 0o640), (0o002, 0o664)):
+        old = os.umask(umask)
+        try:
+            _saved_checkpoint(ckpt)
+            tr.write_metrics(out, [])
+        finally:
+            os.umask(old)
+        for path in (ckpt / tr.CHECKPOINT_JSON, ckpt / "ckpt-0001.eqx", out / tr.METRICS_FILE):
+            assert stat.S_IMODE(path.stat().st_mode) == mode, (path, oct(path.stat().st_mode))
+
+
+def test_leftover_temporaries_are_removed_when_a_run_starts(tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    _saved_checkpoint(ckpt)
+    out.mkdir()
+    leftovers = [
+        ckpt / ".checkpoint.json.1a2b3c.tmp",
+        ckpt / ".ckpt-0002.eqx.4d5e6f.tmp",
+        out / ".metrics.png.0a0b0c.tmp",
+        out / ".metrics.jsonl.0d0e0f.tmp",
+    ]
+    others = [ckpt / "notes.txt", ckpt / ".editor.tmp", out / "other.tmp"]
+    for path in leftovers + others:
+        path.write_text("x")
+    tr.prepare_run(tr.Config(checkpoint_dir=str(ckpt), out_dir=str(out), resume=True))
+    assert [p for p in leftovers if p.exists()] == []
+    assert all(p.exists() for p in others)
+    assert (ckpt / "ckpt-0001.eqx").exists()
+
+
+def test_an_update_that_is_not_finite_is_skipped(tmp_path):
+    """The guard checks the new parameters and optimiser state, not only the loss and
+    the gradient: a finite gradient with an infinite step size gives a non-finite
+    update, which is not applied (and a non-finite model is never saved)."""
+    import optax
+
+    from fixedpoint_deq.mnist.steps import guarded_update
+
+    params = {"w": jnp.ones(3), "n": 2}
+    grads = {"w": jnp.array([1.0, 0.0, -1.0]), "n": None}
+    loss = jnp.asarray(0.5)
+    for optimizer, loss, applied in [
+        (optax.sgd(0.5), loss, True),
+        (optax.sgd(jnp.inf), loss, False),
+        (optax.chain(optax.scale_by_adam(), optax.scale(-1e38), optax.scale(1e38)), loss, False),
+        (optax.sgd(0.5), jnp.asarray(jnp.nan), False),
+    ]:
+        state = optimizer.init(eqx.filter(params, eqx.is_inexact_array))
+        new, new_state, finite = jax.jit(guarded_update, static_argnums=0)(
+            optimizer, grads, params, state, loss
+        )
+        assert bool(finite) == applied
+        expected = params["w"] - 0.5 * grads["w"] if applied else params["w"]
+        np.testing.assert_array_equal(new["w"], expected)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jtu.tree_leaves(new_state))
+    config = tr.Config(**SMALL)
+    model = tr.make_model(config)
+    bad = jtu.tree_map(lambda x: x * jnp.nan if eqx.is_inexact_array(x) else x, model)
+    with pytest.raises(ValueError, match="non-finite"):
+        tr.save_checkpoint(tmp_path, 1, bad, {}, jax.random.key(0), [], config)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- DEQ toolkit

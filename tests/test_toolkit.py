@@ -244,8 +244,7 @@ def test_normalised_dropout_cell_gradient_matches_finite_differences():
     with jax.enable_x64(True):
         k1, k2, k3, k4 = jax.random.split(jax.random.key(8), 4)
         cell = make_cell(k1, scale=2.0, rate=0.3)
-        cell = jtu.tree_map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a,
-                            cell)
+        cell = jtu.tree_map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, cell)
         cell = fd.normalise(cell, key=k2, target=0.7, power_iterations=30)
         # Converged vectors: then the power iteration of each call (whose vectors are
         # constants to the gradient) moves sigma only at second order in the weights.
@@ -258,8 +257,7 @@ def test_normalised_dropout_cell_gradient_matches_finite_differences():
         params, static = eqx.partition(cell, eqx.is_inexact_array)
 
         def loss(params, x):
-            deq = fd.DEQ(eqx.combine(params, static), solver=solver, adjoint=adjoint,
-                         max_steps=200)
+            deq = fd.DEQ(eqx.combine(params, static), solver=solver, adjoint=adjoint, max_steps=200)
             z, _ = deq(x, key=jax.random.key(5))
             return jnp.sum(readout * z)
 
@@ -314,14 +312,12 @@ def test_spectral_radius_of_known_linear_maps():
     q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (N, N)))
     eig = jnp.array([-0.9, 0.5, 0.3, -0.2, 0.1, 0.0])
     sym = q @ jnp.diag(eig) @ q.T
-    rho = fd.spectral_radius(lambda z, a: a @ z, jnp.zeros(N), sym, key=jax.random.key(1),
-                             steps=60)
+    rho = fd.spectral_radius(lambda z, a: a @ z, jnp.zeros(N), sym, key=jax.random.key(1), steps=60)
     np.testing.assert_allclose(rho, 0.9, rtol=1e-3)
     # A dominant complex pair: 0.8 * rotation, plus a smaller real eigenvalue.
     c, s = np.cos(1.0), np.sin(1.0)
     rot = jnp.array([[0.8 * c, -0.8 * s, 0.0], [0.8 * s, 0.8 * c, 0.0], [0.0, 0.0, 0.3]])
-    rho = fd.spectral_radius(lambda z, a: a @ z, jnp.zeros(3), rot, key=jax.random.key(2),
-                             steps=12)
+    rho = fd.spectral_radius(lambda z, a: a @ z, jnp.zeros(3), rot, key=jax.random.key(2), steps=12)
     np.testing.assert_allclose(rho, 0.8, rtol=1e-3)
     with pytest.raises(ValueError, match="`steps`"):
         fd.spectral_radius(lambda z, a: z, jnp.zeros(3), None, key=jax.random.key(0), steps=0)
@@ -343,7 +339,15 @@ def test_spectral_radius_in_the_record_matches_the_jacobian():
 def test_jacobian_regularisation_schedule():
     schedule = fd.JacobianRegSchedule(weight=0.5, every=3, start=1)
     assert [schedule.active(s) for s in range(8)] == [
-        False, True, False, False, True, False, False, True]
+        False,
+        True,
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+    ]
     assert schedule(4) == 0.5 and schedule(5) == 0.0
     traced = jax.jit(lambda s: (schedule.active(s), schedule(s)))
     assert [bool(traced(s)[0]) for s in range(8)] == [schedule.active(s) for s in range(8)]
@@ -469,8 +473,9 @@ def test_correction_states_and_gradient_match_unrolled_differentiation():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # Inference: no states. A solve that stops before a step gives its fixed point.
     assert eqx.nn.inference_mode(deq)(x[0])[1].states is None
-    early = fd.DEQ(cell, solver=TIGHT, max_steps=60,
-                   correction=fd.FixedPointCorrection(steps=(50, 60)))
+    early = fd.DEQ(
+        cell, solver=TIGHT, max_steps=60, correction=fd.FixedPointCorrection(steps=(50, 60))
+    )
     z, record = early(x[0])
     assert int(record.num_steps) < 50
     assert record.states is not None
@@ -541,8 +546,7 @@ def test_every_piece_with_each_adjoint_under_vmap(name):
     shine = name.startswith("shine")
     solver = fp.Broyden(rtol=1e-6, atol=1e-7, memory=8) if shine else TIGHT
     correction = fd.FixedPointCorrection(steps=(2, 4))
-    deq = fd.DEQ(cell, solver=solver, adjoint=ADJOINTS[name], max_steps=60,
-                 correction=correction)
+    deq = fd.DEQ(cell, solver=solver, adjoint=ADJOINTS[name], max_steps=60, correction=correction)
     xs = jax.random.normal(k3, (3, N))
     keys = jax.random.split(k4, 3)
     readout = jax.random.normal(k5, (N,))
@@ -562,6 +566,7 @@ def test_every_piece_with_each_adjoint_under_vmap(name):
     params, static = eqx.partition(deq, eqx.is_inexact_array)
     expected = jtu.tree_map(jnp.zeros_like, params)
     for i in range(3):
+
         def cell_at(p, z, i=i):
             d = eqx.combine(p, static)
             return d.prepared_cell(keys[i])(z, xs[i])
@@ -569,9 +574,13 @@ def test_every_piece_with_each_adjoint_under_vmap(name):
         jac = jax.jacfwd(lambda zz: cell_at(params, zz))(z[i])
         state = None
         if name == "shine":  # the same forward solve, to read Broyden's final factors
-            sol = optx.fixed_point(lambda z, a: a[0](z, a[1]), correction.recording(solver),
-                                   jnp.zeros(N), (deq.prepared_cell(keys[i]), xs[i]),
-                                   max_steps=60)
+            sol = optx.fixed_point(
+                lambda z, a: a[0](z, a[1]),
+                correction.recording(solver),
+                jnp.zeros(N),
+                (deq.prepared_cell(keys[i]), xs[i]),
+                max_steps=60,
+            )
             np.testing.assert_allclose(sol.value, z[i], rtol=1e-5, atol=1e-6)
             state = sol.state.inner
         w = _backward_matrix(name, jac, state) @ readout
@@ -580,8 +589,9 @@ def test_every_piece_with_each_adjoint_under_vmap(name):
     got = eqx.filter(fd.without_backward_stats(grads), eqx.is_inexact_array)
     got_w = got.cell.lin.layer.weight
     np.testing.assert_allclose(got_w, expected.cell.lin.layer.weight, rtol=2e-3, atol=1e-5)
-    np.testing.assert_allclose(got.cell.lin.layer.bias, expected.cell.lin.layer.bias,
-                               rtol=2e-3, atol=1e-5)
+    np.testing.assert_allclose(
+        got.cell.lin.layer.bias, expected.cell.lin.layer.bias, rtol=2e-3, atol=1e-5
+    )
     if shine:
         assert (float(stats.num_steps) == 0) == (name == "shine")
 

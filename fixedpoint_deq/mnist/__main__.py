@@ -36,6 +36,7 @@ examples:
   fixedpoint-mnist --data-dir ../shared/data/mnist --quick --out-dir runs/quick
   fixedpoint-mnist --data-dir ../shared/data/mnist --checkpoint-dir runs/ckpt --out-dir runs/full
   fixedpoint-mnist --data-dir ../shared/data/mnist --checkpoint-dir runs/ckpt --resume
+  fixedpoint-mnist --data-dir ../shared/data/mnist --checkpoint-dir runs/ckpt --overwrite
   fixedpoint-mnist --backward phantom --phantom-steps 5 --phantom-beta 0.5
   XLA_FLAGS=--xla_force_host_platform_device_count=4 fixedpoint-mnist ...  # 4 CPU "devices"
 
@@ -43,7 +44,14 @@ outputs:
   --out-dir DIR: metrics.jsonl (one JSON object per epoch: epoch, train_loss, train_acc,
   test_loss, test_acc, fwd_steps, bwd_steps, fwd_converged, test_fwd_steps, jac_reg,
   skipped, train_time, wall_time) and metrics.png (accuracy, loss, solver steps).
-  --checkpoint-dir DIR: checkpoint.json + ckpt-XXXX.eqx, rewritten atomically every epoch.
+  --checkpoint-dir DIR: checkpoint.json + ckpt-XXXX.eqx, rewritten atomically every epoch
+  (with the user's umask). A directory that already holds a checkpoint is refused unless
+  --resume (continue it) or --overwrite (replace it) is given. Both directories are
+  created, and checked to be writable, before training starts.
+
+exit status:
+  0 done; 1 the data or a checkpoint could not be read (the message names the file);
+  2 invalid options (every number is checked against its range when parsed).
 """
 
 
@@ -52,6 +60,26 @@ def _option_type(field: dataclasses.Field) -> type:
     hint = typing.get_type_hints(Config)[field.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
+
+
+def _value_parser(field: dataclasses.Field, kind: type):
+    """The argparse `type` of a numeric option: parse, then check the field's rule (so
+    that a value out of range is an argparse error naming the option)."""
+    rule = field.metadata["rule"]
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {rule.describe()}, got {text!r}")
+        try:
+            rule.check(field.name, value)
+        except ValueError as e:  # "`lr` must be ..." -> "argument --lr: must be ..."
+            raise argparse.ArgumentTypeError(str(e).replace(f"`{field.name}` ", "", 1))
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument(flag, action="store_true", help=help_text)
             continue
         kwargs: dict[str, Any] = dict(type=kind, help=help_text)
+        if meta["rule"] is not None:
+            kwargs["type"] = _value_parser(field, kind)
+            kwargs["help"] = f"{help_text} [{meta['rule'].describe()}]"
         if meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
         if meta.get("choices"):
@@ -97,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> tuple[Config, bool]:
-    """``(config, show_progress)`` from command-line arguments."""
-    ns = vars(build_parser().parse_args(argv))
+    """``(config, show_progress)`` from command-line arguments. Invalid settings
+    (`Config.check`) are argparse errors: a message and exit status 2."""
+    parser = build_parser()
+    ns = vars(parser.parse_args(argv))
     quick = ns.pop("quick", False)
     progress = not ns.pop("no_progress", False)
     values: dict[str, Any] = dict(QUICK) if quick else {}
@@ -107,22 +140,32 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[Config, bool]:
         values["distributed"] = True
     fields = {f.name for f in dataclasses.fields(Config)}
     config = Config(**{k: v for k, v in values.items() if k in fields})
+    try:
+        config.check()
+    except ValueError as e:
+        parser.error(_as_options(str(e)))
     return config, progress
+
+
+def _as_options(message: str) -> str:
+    """A `Config` message in the command line's words: `batch_size` -> `--batch-size`."""
+    for field in dataclasses.fields(Config):
+        message = message.replace(f"`{field.name}`", "--" + field.name.replace("_", "-"))
+    return message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, progress = config_from_args(argv)
-    try:
-        config.check()
-    except ValueError as e:
-        print(f"fixedpoint-mnist: error: {e}", file=sys.stderr)
-        return 2
+    from .checkpoint import CheckpointError
     from .data import MNISTDataError
-    from .train import train
+    from .train import SetupError, train
 
     try:
         result = train(config, progress=progress)
-    except MNISTDataError as e:
+    except SetupError as e:
+        print(f"fixedpoint-mnist: error: {_as_options(str(e))}", file=sys.stderr)
+        return 2
+    except (MNISTDataError, CheckpointError) as e:
         print(f"fixedpoint-mnist: error: {e}", file=sys.stderr)
         return 1
     if result.history:

@@ -5,7 +5,13 @@ A checkpoint (in `checkpoint_dir`) is ``ckpt-XXXX.eqx`` (the pytrees, via
 `eqx.tree_serialise_leaves`) and ``checkpoint.json`` (epoch, file name, history,
 config). Both are written to a temporary file and moved into place with `os.replace`;
 the JSON is written last and is the commit point, so an interrupted write never leaves
-a checkpoint that points to a missing or partial file.
+a checkpoint that points to a missing or partial file (the temporary files such a write
+leaves are removed when the next run starts, `remove_temporaries`). Files are written
+with the user's umask. A model or optimiser state that is not finite is never saved.
+
+Reading checks everything it reads: a checkpoint that is not what this code writes
+(truncated ``.eqx``, invalid JSON, a missing or mistyped key, a leaf of the wrong shape)
+raises `CheckpointError`, naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._files import atomic_write, write_text
+from ._files import atomic_write, remove_temporaries as _remove_temporaries, write_text
 from .build import make_model, make_optimizer
 from .config import Config
 from .model import DEQClassifier
@@ -29,13 +35,82 @@ from .sharding import host_tree
 
 
 CHECKPOINT_JSON = "checkpoint.json"
+#: The names of the files of a checkpoint (glob patterns).
+CHECKPOINT_FILES = (CHECKPOINT_JSON, "ckpt-*.eqx")
+# The keys of checkpoint.json and their types.
+_META_KEYS: dict[str, type | tuple[type, ...]] = dict(
+    epoch=int, file=str, history=list, config=dict
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, corrupt, or written by a run whose
+    settings this one cannot continue. The message names the file and what is wrong."""
+
+
+def has_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a (committed) checkpoint, i.e. a ``checkpoint.json``."""
+    return (Path(directory) / CHECKPOINT_JSON).exists()
+
+
+def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove what an interrupted save left in `directory` (temporary files)."""
+    return _remove_temporaries(Path(directory), CHECKPOINT_FILES)
+
+
+def read_meta(directory: str | os.PathLike) -> dict:
+    """The contents of ``checkpoint.json`` in `directory`, checked: valid JSON, every
+    key with its type, and the ``.eqx`` file it names present. Raises
+    `CheckpointError` otherwise (and `FileNotFoundError` if there is no JSON)."""
+    path = Path(directory) / CHECKPOINT_JSON
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from e
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the checkpoint is corrupt") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    for key, kind in _META_KEYS.items():
+        if key not in meta:
+            raise CheckpointError(f"{path}: the key {key!r} is missing")
+        value = meta[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(
+                f"{path}: {key!r} should be a JSON {_json_type(kind)}, found {value!r:.80}"
+            )
+    name = meta["file"]
+    if Path(name).name != name or not name.endswith(".eqx"):
+        raise CheckpointError(f"{path}: 'file' should name a .eqx file beside it, found {name!r}")
+    if not (path.parent / name).is_file():
+        raise CheckpointError(f"{path}: names {name}, which is missing from {path.parent}")
+    return meta
+
+
+def _json_type(kind) -> str:
+    return {int: "integer", str: "string", list: "array", dict: "object"}[kind]
+
+
+def _all_finite(tree) -> bool:
+    leaves = jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in leaves)
 
 
 def save_checkpoint(
     directory: str | os.PathLike, epoch: int, model, opt_state, key, history, config: Config
 ) -> Path:
-    """Write the checkpoint of the end of `epoch` atomically (see the module docstring)."""
+    """Write the checkpoint of the end of `epoch` atomically (see the module docstring).
+    Raises `ValueError` (writing nothing) if the model or optimiser state is not finite."""
     directory = Path(directory)
+    if not _all_finite((model, opt_state)):
+        raise ValueError(
+            f"Refusing to save a checkpoint of epoch {epoch} in {directory}: the model or "
+            "optimiser state holds non-finite values."
+        )
     name = f"ckpt-{epoch:04d}.eqx"
     trees = (model, opt_state, jax.random.key_data(key))
     atomic_write(directory / name, lambda p: eqx.tree_serialise_leaves(p, host_tree(trees)))
@@ -49,10 +124,36 @@ def save_checkpoint(
 
 def _read_as_like(f, x):
     """Deserialise one leaf in the dtype of `x`: a checkpoint written with 64-bit types
-    enabled (or not) loads in a process running the other way."""
+    enabled (or not) loads in a process running the other way. The shape must match."""
     if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating):
-        return jnp.asarray(np.load(f), dtype=x.dtype)
+        value = np.load(f)
+        if value.shape != x.shape:
+            raise ValueError(f"a leaf of shape {value.shape} where {x.shape} was expected")
+        return jnp.asarray(value, dtype=x.dtype)
     return eqx.default_deserialise_filter_spec(f, x)
+
+
+def _read_trees(path: Path, like):
+    """The pytrees of the ``.eqx`` file `path`, shaped like `like`; `CheckpointError`
+    if it cannot be (truncated, corrupt, another model's) or holds more."""
+    try:
+        with open(path, "rb") as f:
+            trees = eqx.tree_deserialise_leaves(f, like, filter_spec=_read_as_like)
+            trailing = f.read(1)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from e
+    except Exception as e:
+        cause = e.__cause__ or e  # equinox wraps the leaf's error in a TreePathError
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this model, or truncated or corrupt ({e}: "
+            f"{type(cause).__name__}: {cause})"
+        ) from e
+    if trailing:
+        raise CheckpointError(
+            f"{path}: holds more data than this model's parameters and optimiser state "
+            "(a checkpoint of another model?)"
+        )
+    return trees
 
 
 def load_checkpoint(
@@ -64,18 +165,22 @@ def load_checkpoint(
 ):
     """``(epoch, model, opt_state, key, history, saved_config)`` of the checkpoint in
     `directory`, or None if there is none. `check(saved_config)` runs before the
-    pytrees are read (to refuse an incompatible checkpoint with a clear message)."""
+    pytrees are read (to refuse an incompatible checkpoint with a clear message: a
+    `ValueError` it raises becomes a `CheckpointError` naming the file). Raises
+    `CheckpointError` for a checkpoint that cannot be read (see `read_meta`)."""
     directory = Path(directory)
-    meta_path = directory / CHECKPOINT_JSON
-    if not meta_path.is_file():
+    if not has_checkpoint(directory):
         return None
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(directory)
     if check is not None:
-        check(meta["config"])
+        try:
+            check(meta["config"])
+        except CheckpointError:
+            raise
+        except ValueError as e:
+            raise CheckpointError(f"{directory / CHECKPOINT_JSON}: {e}") from e
     like = (model_like, opt_state_like, jax.random.key_data(key_like))
-    model, opt_state, key_data = eqx.tree_deserialise_leaves(
-        directory / meta["file"], like, filter_spec=_read_as_like
-    )
+    model, opt_state, key_data = _read_trees(directory / meta["file"], like)
     key = jax.random.wrap_key_data(jnp.asarray(key_data), impl=jax.random.key_impl(key_like))
     return meta["epoch"], model, opt_state, key, meta["history"], meta["config"]
 
@@ -89,15 +194,20 @@ def load_model(directory: str | os.PathLike) -> tuple[DEQClassifier, Config, int
 
     Raises:
         FileNotFoundError: `directory` holds no ``checkpoint.json``.
+        CheckpointError: the checkpoint cannot be read (the message says why).
     """
     directory = Path(directory)
-    meta_path = directory / CHECKPOINT_JSON
-    if not meta_path.is_file():
+    if not has_checkpoint(directory):
         raise FileNotFoundError(
             f"no checkpoint in {directory} (no {CHECKPOINT_JSON}); write one with "
             f"`python -m fixedpoint_deq.mnist --checkpoint-dir {directory}`"
         )
-    config = Config.from_dict(json.loads(meta_path.read_text())["config"])
+    saved = read_meta(directory)["config"]
+    try:
+        config = Config.from_dict(saved)
+        config.check()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / CHECKPOINT_JSON}: invalid 'config' ({e})") from e
     with jax.enable_x64(False):  # checkpoints hold float32 arrays, also under x64
         model = make_model(config)
         optimizer = make_optimizer(config, total_steps=1)

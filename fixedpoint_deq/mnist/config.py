@@ -1,13 +1,17 @@
 """`Config`: every setting of a training run, with its command-line documentation.
 
-Each field carries its help text and its group in ``--help`` as field metadata
-(`option`), so that the command line (`fixedpoint_deq.mnist.__main__`) is derived
-from this class and cannot drift from it: one option ``--name-with-dashes`` per field.
+Each field carries its help text, its group in ``--help`` and, for a number, its rule
+(`Integer`, `Real`: the allowed range) as field metadata (`option`), so that the command
+line (`fixedpoint_deq.mnist.__main__`) is derived from this class and cannot drift from
+it: one option ``--name-with-dashes`` per field, whose value is checked by the same rule
+as in `Config.check` (a value out of range is an argparse error, exit status 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from typing import Any
 
 from fixedpoint._validate import check_bool, check_choice, check_int, check_real
@@ -34,6 +38,10 @@ GROUPS = (
 RESUME_KEYS = ("width", "groups", "head", "seed", "batch_size", "train_subset", "augment_shift")
 RESUME_KEYS += ("norm", "dropout")  # they change the model's leaves
 
+#: The sizes of MNIST's training and test sets.
+MNIST_TRAIN_SIZE = 60000
+MNIST_TEST_SIZE = 10000
+
 # Settings that do not change the computation of a step (so runs differing only in
 # them share the jitted steps and their compilations).
 NOT_IN_STEP = (
@@ -43,6 +51,7 @@ NOT_IN_STEP = (
     "test_subset",
     "checkpoint_dir",
     "resume",
+    "overwrite",
     "out_dir",
     "distributed",
     "eval_batch_size",
@@ -52,6 +61,60 @@ NOT_IN_STEP = (
 _RENAMED = {"phantom_damping": "phantom_beta"}
 
 
+class SetupError(ValueError):
+    """A run that cannot start as configured (an output path that cannot be written, a
+    checkpoint in the way): raised before any data is read or step is run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Integer:
+    """The rule of an integer setting: in ``[low, high]`` (`high=None`: no bound)."""
+
+    low: int
+    high: int | None = None
+
+    def check(self, name: str, value: Any) -> None:
+        check_int(name, value, low=self.low, high=self.high)
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"an integer >= {self.low}"
+        return f"an integer in [{self.low}, {self.high}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Real:
+    """The rule of a real setting: finite, from `low` to `high` (closed unless
+    `low_open` / `high_open`)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def check(self, name: str, value: Any) -> None:
+        check_real(
+            name,
+            value,
+            low=self.low,
+            high=self.high,
+            low_open=self.low_open,
+            high_open=self.high_open,
+            finite=True,
+        )
+
+    def describe(self) -> str:
+        if self.high == math.inf:
+            return f"a finite number {'>' if self.low_open else '>='} {self.low:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"a number in {left}{self.low:g}, {self.high:g}{right}"
+
+
+POSITIVE = Integer(1)
+NON_NEGATIVE = Integer(0)
+BETA = Real(0.0, 1.0, low_open=True)
+
+
 def option(
     default: Any,
     group: str,
@@ -59,11 +122,13 @@ def option(
     *,
     metavar: str | None = None,
     choices: tuple[str, ...] | None = None,
+    rule: Integer | Real | None = None,
 ) -> Any:
-    """A `Config` field with its command-line documentation. In `help`, ``{default}``
-    is replaced by the default value."""
+    """A `Config` field with its command-line documentation and, for a number, its
+    `rule` (checked by `Config.check` and when the command line is parsed). In `help`,
+    ``{default}`` is replaced by the default value."""
     assert group in GROUPS, group
-    metadata = dict(group=group, help=help, metavar=metavar, choices=choices)
+    metadata = dict(group=group, help=help, metavar=metavar, choices=choices, rule=rule)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -79,30 +144,47 @@ class Config:
         "the cache; e.g. ../shared/data/mnist)",
         metavar="DIR",
     )
-    epochs: int = option(3, "data and schedule", "training epochs (default {default})")
+    epochs: int = option(
+        3, "data and schedule", "training epochs (default {default})", rule=POSITIVE
+    )
     batch_size: int = option(
         64,
         "data and schedule",
         "global batch size, a multiple of the device count (default {default})",
+        rule=POSITIVE,
     )
     eval_batch_size: int = option(
-        500, "data and schedule", "batch size for the test set (default {default})"
+        500,
+        "data and schedule",
+        "batch size for the test set (default {default})",
+        rule=POSITIVE,
     )
     lr: float = option(
         5e-3,
         "data and schedule",
         "peak AdamW learning rate of the warmup+cosine schedule (default {default})",
+        rule=Real(0.0, low_open=True),
     )
-    warmup_steps: int = option(200, "data and schedule", "linear warmup steps (default {default})")
+    warmup_steps: int = option(
+        200, "data and schedule", "linear warmup steps (default {default})", rule=NON_NEGATIVE
+    )
     weight_decay: float = option(
-        1e-4, "data and schedule", "AdamW weight decay (default {default})"
+        1e-4,
+        "data and schedule",
+        "AdamW weight decay (default {default})",
+        rule=Real(0.0),
     )
     clip_norm: float = option(
-        1.0, "data and schedule", "clip gradients to this global norm (default {default})"
+        1.0,
+        "data and schedule",
+        "clip gradients to this global norm (default {default})",
+        rule=Real(0.0, low_open=True),
     )
     # Model.
-    width: int = option(12, "model", "channels C of the DEQ state (default {default})")
-    groups: int = option(1, "model", "GroupNorm groups (default {default})")
+    width: int = option(
+        12, "model", "channels C of the DEQ state (default {default})", rule=POSITIVE
+    )
+    groups: int = option(1, "model", "GroupNorm groups (default {default})", rule=POSITIVE)
     head: str = option(
         "pool4",
         "model",
@@ -118,21 +200,31 @@ class Config:
         choices=FORWARD_SOLVERS,
     )
     anderson_m: int = option(
-        5, "forward solver", "Anderson history size m, forward and backward (default {default})"
+        5,
+        "forward solver",
+        "Anderson history size m, forward and backward (default {default})",
+        rule=POSITIVE,
     )
     beta: float = option(
         1.0,
         "forward solver",
         "mixing/damping beta in (0, 1] of the forward solver (default {default})",
+        rule=BETA,
     )
     broyden_memory: int = option(
-        30, "forward solver", "Broyden memory, forward and backward (default {default})"
+        30,
+        "forward solver",
+        "Broyden memory, forward and backward (default {default})",
+        rule=POSITIVE,
     )
-    max_steps: int = option(30, "forward solver", "maximum forward steps (default {default})")
+    max_steps: int = option(
+        30, "forward solver", "maximum forward steps (default {default})", rule=POSITIVE
+    )
     fwd_tol: float = option(
         1e-2,
         "forward solver",
         "forward tolerance: stop when rms(r / (tol + tol |z|)) < 1 (default {default})",
+        rule=Real(0.0),
     )
     # Backward pass.
     backward: str = option(
@@ -149,18 +241,28 @@ class Config:
         choices=BACKWARD_SOLVERS,
     )
     backward_max_steps: int = option(
-        20, "backward pass", "maximum backward steps of --backward implicit (default {default})"
+        20,
+        "backward pass",
+        "maximum backward steps of --backward implicit (default {default})",
+        rule=POSITIVE,
     )
     backward_tol: float = option(
-        1e-2, "backward pass", "relative tolerance of the backward solve (default {default})"
+        1e-2,
+        "backward pass",
+        "relative tolerance of the backward solve (default {default})",
+        rule=Real(0.0),
     )
     phantom_steps: int = option(
-        5, "backward pass", "unrolled steps of --backward phantom (default {default})"
+        5,
+        "backward pass",
+        "unrolled steps of --backward phantom (default {default})",
+        rule=POSITIVE,
     )
     phantom_beta: float = option(
         0.5,
         "backward pass",
         "damping beta in (0, 1] of --backward phantom, as the forward --beta (default {default})",
+        rule=BETA,
     )
     # Regularisation and data.
     jac_reg: float = option(
@@ -168,27 +270,34 @@ class Config:
         "backward pass",
         "weight of the Jacobian regularisation ||J_f||_F^2 / d in the loss (0 turns it "
         "off; default {default})",
+        rule=Real(0.0),
     )
     augment_shift: int = option(
         0,
         "data and schedule",
         "random translations of up to PIXELS (default {default}: off)",
         metavar="PIXELS",
+        rule=Integer(0, 27),
     )
     train_subset: int | None = option(
         None,
         "data and schedule",
         "use only the first N training digits (default: all 60000)",
         metavar="N",
+        rule=Integer(1, MNIST_TRAIN_SIZE),
     )
     test_subset: int | None = option(
         None,
         "data and schedule",
         "evaluate on the first N test digits only (default: all 10000)",
         metavar="N",
+        rule=Integer(1, MNIST_TEST_SIZE),
     )
     seed: int = option(
-        0, "data and schedule", "seed of initialisation, data order and probes (default {default})"
+        0,
+        "data and schedule",
+        "seed of initialisation, data order and probes (default {default})",
+        rule=Integer(0, 2**32 - 1),
     )
     # The DEQ toolkit (fixedpoint_deq): stabilisers, budgets, monitoring, reuse.
     norm: str = option(
@@ -203,6 +312,7 @@ class Config:
         "DEQ toolkit",
         "target norm of --norm spectral (spectral norm of the kernel's matrix view) or "
         "of a fixed-scale --norm weight (default {default})",
+        rule=Real(0.0, low_open=True),
     )
     norm_clip: bool = option(
         False, "DEQ toolkit", "--norm: only scale the weight down to the target, never up"
@@ -211,31 +321,38 @@ class Config:
         False, "DEQ toolkit", "--norm weight: learn the row scales (default: fixed target)"
     )
     power_iterations: int = option(
-        1, "DEQ toolkit", "power-iteration steps per step of --norm spectral (default {default})"
+        1,
+        "DEQ toolkit",
+        "power-iteration steps per step of --norm spectral (default {default})",
+        rule=POSITIVE,
     )
     dropout: float = option(
         0.0,
         "DEQ toolkit",
         "variational channel dropout rate in the cell, in [0, 1): one mask per sample "
         "per solve (default {default}: off)",
+        rule=Real(0.0, 1.0, high_open=True),
     )
     eval_max_steps: int | None = option(
         None,
         "DEQ toolkit",
         "forward step budget at evaluation (default: --max-steps)",
         metavar="N",
+        rule=POSITIVE,
     )
     eval_fwd_tol: float | None = option(
         None,
         "DEQ toolkit",
         "forward tolerance at evaluation (default: --fwd-tol)",
         metavar="TOL",
+        rule=Real(0.0),
     )
     jac_reg_every: int = option(
         1,
         "DEQ toolkit",
         "compute the Jacobian regulariser on every N-th training step only (default {default})",
         metavar="N",
+        rule=POSITIVE,
     )
     spectral_radius_steps: int = option(
         0,
@@ -243,6 +360,7 @@ class Config:
         "log a power-iteration estimate (N JVPs) of the spectral radius of the cell's "
         "Jacobian at the test fixed points (default {default}: off)",
         metavar="N",
+        rule=NON_NEGATIVE,
     )
     reuse_fixed_points: bool = option(
         False,
@@ -257,11 +375,13 @@ class Config:
         "fixed-point correction: supervise N intermediate forward states, evenly spaced "
         "in the budget, each with a one-step phantom gradient (default {default}: off)",
         metavar="N",
+        rule=NON_NEGATIVE,
     )
     correction_gamma: float = option(
         0.8,
         "DEQ toolkit",
         "decay of the correction losses' weights (default {default})",
+        rule=Real(0.0, 1.0),
     )
     # Output.
     checkpoint_dir: str | None = option(
@@ -275,6 +395,13 @@ class Config:
         "output, resuming, devices",
         "continue from the checkpoint in --checkpoint-dir (if there is one)",
     )
+    overwrite: bool = option(
+        False,
+        "output, resuming, devices",
+        "start afresh although --checkpoint-dir holds a checkpoint, replacing it (it is "
+        "kept until this run's first epoch is saved); without --resume or --overwrite a "
+        "run refuses a directory that holds a checkpoint",
+    )
     out_dir: str | None = option(
         None, "output, resuming, devices", "write metrics.jsonl and metrics.png here", metavar="DIR"
     )
@@ -285,55 +412,47 @@ class Config:
     )
 
     def check(self) -> None:
-        """Raise `ValueError` on a setting out of range (naming it)."""
-        for name in (
-            "epochs",
-            "batch_size",
-            "eval_batch_size",
-            "width",
-            "groups",
-            "anderson_m",
-            "broyden_memory",
-            "max_steps",
-            "backward_max_steps",
-            "phantom_steps",
-            "power_iterations",
-            "jac_reg_every",
-        ):
-            check_int(name, getattr(self, name), low=1)
-        for name in ("train_subset", "test_subset"):
-            check_int(name, getattr(self, name), low=1, allow_none=True)
-        for name in ("warmup_steps", "augment_shift", "seed", "spectral_radius_steps"):
-            check_int(name, getattr(self, name), low=0)
-        check_real("lr", self.lr, low=0.0, low_open=True)
-        check_real("clip_norm", self.clip_norm, low=0.0, low_open=True)
-        for name in ("weight_decay", "jac_reg", "fwd_tol", "backward_tol"):
-            check_real(name, getattr(self, name), low=0.0)
-        check_real("beta", self.beta, low=0.0, high=1.0, low_open=True)
-        check_real("phantom_beta", self.phantom_beta, low=0.0, high=1.0, low_open=True)
-        check_choice("solver", self.solver, FORWARD_SOLVERS)
-        check_choice("backward", self.backward, BACKWARD_MODES)
-        check_choice("backward_solver", self.backward_solver, BACKWARD_SOLVERS)
-        check_choice("head", self.head, HEADS)
-        check_choice("norm", self.norm, NORMS)
-        check_real("norm_target", self.norm_target, low=0.0, low_open=True)
-        check_bool("norm_clip", self.norm_clip)
-        check_bool("norm_learn_scale", self.norm_learn_scale)
-        check_real("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
-        check_int("eval_max_steps", self.eval_max_steps, low=1, allow_none=True)
-        check_real("eval_fwd_tol", self.eval_fwd_tol, low=0.0, allow_none=True)
-        check_bool("reuse_fixed_points", self.reuse_fixed_points)
-        check_int("correction_states", self.correction_states, low=0, high=self.max_steps - 1)
-        check_real("correction_gamma", self.correction_gamma, low=0.0, high=1.0)
+        """Raise `ValueError` on a setting out of range (naming it): each field's rule
+        (its metadata), then the rules that tie settings together."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            meta = field.metadata
+            if value is None and field.default is None:
+                continue
+            if meta["rule"] is not None:
+                meta["rule"].check(field.name, value)
+            elif meta["choices"] is not None:
+                check_choice(field.name, value, meta["choices"])
+            elif isinstance(field.default, bool):
+                check_bool(field.name, value)
+            elif not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"`{field.name}` must be a path, got {value!r}.")
+        if self.width % self.groups:
+            raise ValueError(
+                f"`groups` ({self.groups}) must divide `width` ({self.width}): GroupNorm "
+                "splits the channels into groups of equal size."
+            )
+        n_train = MNIST_TRAIN_SIZE if self.train_subset is None else self.train_subset
+        if self.batch_size > n_train:
+            raise ValueError(
+                f"`batch_size` ({self.batch_size}) is larger than the training set "
+                f"({n_train} digits): an epoch would have no step."
+            )
+        if self.correction_states >= self.max_steps:
+            raise ValueError(
+                f"`correction_states` ({self.correction_states}) must be below `max_steps` "
+                f"({self.max_steps}): the corrected states are distinct forward steps."
+            )
         if self.reuse_fixed_points and self.distributed:
             raise ValueError(
                 "`reuse_fixed_points` keeps the cache in this process: it does not support "
                 "`distributed` (multi-host) runs."
             )
-        check_bool("resume", self.resume)
-        check_bool("distributed", self.distributed)
-        if self.resume and self.checkpoint_dir is None:
-            raise ValueError("`resume` needs a `checkpoint_dir`.")
+        if self.resume and self.overwrite:
+            raise ValueError("`resume` and `overwrite` exclude each other: pick one.")
+        for name in ("resume", "overwrite"):
+            if getattr(self, name) and self.checkpoint_dir is None:
+                raise ValueError(f"`{name}` needs a `checkpoint_dir`.")
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Config:

@@ -97,7 +97,7 @@ def _norm_hwc(norm: eqx.nn.GroupNorm, y: Array) -> Array:
     mean = jnp.mean(yg, axis=(0, 1, 3), keepdims=True)
     variance = jnp.maximum(0.0, jnp.var(yg, axis=(0, 1, 3), keepdims=True))
     out = ((yg - mean) * jax.lax.rsqrt(variance + norm.eps)).reshape(h, w, c)
-    if norm.channelwise_affine:
+    if norm.weight is not None and norm.bias is not None:  # channelwise_affine
         out = norm.weight.astype(dtype) * out + norm.bias.astype(dtype)
     return out.astype(y.dtype)
 

@@ -21,7 +21,7 @@ import optax
 from fixedpoint import backward_stats, without_backward_stats
 
 from .._correction import correction_weights
-from .._norm import update_normalisation
+from .._norm import has_normalisation, update_normalisation
 from .build import make_optimizer
 from .config import Config
 from .inputs import shift_image
@@ -34,18 +34,43 @@ def _tree_all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def guarded_update(optimizer: optax.GradientTransformation, grads, model, opt_state, loss):
+    """One optimiser update that is applied only if it is sound: ``(model, opt_state,
+    finite)``, where `finite` says whether the loss, the gradient, the new parameters
+    and the new optimiser state are all finite; if not, the old model and optimiser
+    state come back unchanged. (Checking the gradient alone is not enough: a finite
+    gradient can still give a non-finite update, e.g. through an overflowing step size
+    or optimiser moment.)"""
+    params = eqx.filter(model, eqx.is_inexact_array)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_model = eqx.apply_updates(model, updates)
+    finite = (
+        jnp.isfinite(loss)
+        & _tree_all_finite(grads)
+        & _tree_all_finite(new_model)
+        & _tree_all_finite(new_opt_state)
+    )
+
+    def select(new, old):
+        return jtu.tree_map(
+            lambda a, b: jnp.where(finite, a, b) if eqx.is_array(a) else a, new, old
+        )
+
+    return select(new_model, model), select(new_opt_state, opt_state), finite
+
+
 def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> Callable:
     """``step(model, opt_state, images, labels, key, jac_on=True, z0=None) -> (model,
     opt_state, metrics)``, jitted. `metrics` holds batch means (``loss`` =
     cross-entropy of the fixed point, ``acc``, ``fwd_steps``, ``fwd_converged``,
     ``jac_reg``, ``bwd_steps``) and ``finite`` (whether the update was applied: a step
-    whose loss or gradient is not finite leaves the model and the optimiser state
-    unchanged).
+    whose loss, gradient or update is not finite leaves the model and the optimiser
+    state unchanged, see `guarded_update`).
 
     The DEQ toolkit: `jac_on` (a boolean array) says whether this step computes the
     Jacobian regulariser (`config.jac_reg_every`); `z0` (batched states) warm-starts
     the forward solves, and then ``metrics["z_star"]`` holds the fixed points; the
-    stored power iteration of a normalised cell is advanced once per step; with
+    stored power iteration of a normalised cell is advanced once per applied step; with
     fixed-point correction the loss adds the decaying-weight cross-entropies of the
     corrected states."""
     jac_weight = float(config.jac_reg)
@@ -92,20 +117,13 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> 
         stats = backward_stats(grads)
         assert stats is not None  # every adjoint of `make_adjoint` carries statistics
         grads = without_backward_stats(grads)
-        finite = jnp.isfinite(total) & _tree_all_finite(grads)
-        params = eqx.filter(model, eqx.is_inexact_array)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        # The power iteration of normalised layers follows the new weights (a no-op
-        # without normalisation).
-        new_model = update_normalisation(eqx.apply_updates(model, updates))
-
-        def select(new, old):
-            return jtu.tree_map(
-                lambda a, b: jnp.where(finite, a, b) if eqx.is_array(a) else a, new, old
+        model, opt_state, finite = guarded_update(optimizer, grads, model, opt_state, total)
+        if has_normalisation(model):
+            # The power iteration follows the new weights; a skipped step changes nothing.
+            advanced = update_normalisation(model)
+            model = jtu.tree_map(
+                lambda a, b: jnp.where(finite, a, b) if eqx.is_array(a) else a, advanced, model
             )
-
-        model = select(new_model, model)
-        opt_state = select(new_opt_state, opt_state)
         batch = images.shape[0]
         # Backward statistics are summed over the vmapped batch: take the mean.
         bwd_steps = stats.num_steps / batch

@@ -32,8 +32,14 @@ of the number of devices. Multi-host: pass `distributed=True` (`--distributed`) 
 `jax.distributed.initialize()` first; every process then builds the same global batches
 and feeds its own shards.
 
-**Non-finite steps.** A step whose loss or gradient is not finite leaves the model and
-the optimiser state unchanged; such steps are counted (``skipped`` in the metrics).
+**Non-finite steps.** A step whose loss, gradient or update (the new parameters and
+optimiser state) is not finite leaves the model and the optimiser state unchanged; such
+steps are counted (``skipped`` in the metrics). A non-finite model is never saved.
+
+**Before the first step** (`prepare_run`): the checkpoint and output directories are
+created and checked to be writable, temporaries left by an interrupted save are removed,
+and a directory that holds a checkpoint is refused unless the run resumes it
+(``resume``) or replaces it (``overwrite``): a run never deletes a model silently.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -51,9 +58,26 @@ import numpy as np
 from jax.sharding import Mesh
 
 from .._monitor import JacobianRegSchedule
+from ._files import ensure_writable_directory, remove_temporaries
 from .build import make_adjoint, make_model, make_optimizer, make_solver
-from .checkpoint import CHECKPOINT_JSON, load_checkpoint, load_model, save_checkpoint
-from .config import BACKWARD_MODES, BACKWARD_SOLVERS, Config, FORWARD_SOLVERS, RESUME_KEYS
+from .checkpoint import (
+    CHECKPOINT_JSON,
+    CheckpointError,
+    has_checkpoint,
+    load_checkpoint,
+    load_model,
+    read_meta,
+    remove_temporaries as remove_checkpoint_temporaries,
+    save_checkpoint,
+)
+from .config import (
+    BACKWARD_MODES,
+    BACKWARD_SOLVERS,
+    Config,
+    FORWARD_SOLVERS,
+    RESUME_KEYS,
+    SetupError,
+)
 from .inputs import epoch_order, load_data, prepare_images, step_key
 from .metrics import METRICS_FILE, PLOT_FILE, plot_metrics, write_metrics
 from .sharding import batch_sharding, make_mesh, put, replicate, scalars
@@ -65,11 +89,13 @@ __all__ = [
     "BACKWARD_MODES",
     "BACKWARD_SOLVERS",
     "CHECKPOINT_JSON",
+    "CheckpointError",
     "Config",
     "FORWARD_SOLVERS",
     "METRICS_FILE",
     "PLOT_FILE",
     "Result",
+    "SetupError",
     "compiled_steps",
     "epoch_order",
     "evaluate",
@@ -85,6 +111,7 @@ __all__ = [
     "make_train_step",
     "plot_metrics",
     "prepare_images",
+    "prepare_run",
     "put",
     "replicate",
     "save_checkpoint",
@@ -144,6 +171,35 @@ def evaluate(
     return out
 
 
+def prepare_run(config: Config) -> None:
+    """What `train` checks before it reads any data (see the module docstring). Raises
+    `SetupError` for a directory that cannot be written or a checkpoint in the way, and
+    `CheckpointError` for a checkpoint to resume that cannot be read."""
+    directories = [("checkpoint_dir", config.checkpoint_dir), ("out_dir", config.out_dir)]
+    for name, directory in directories:
+        if directory is None:
+            continue
+        try:
+            ensure_writable_directory(directory)
+        except OSError as e:
+            raise SetupError(f"`{name}`: {e}") from e
+    if config.out_dir is not None:
+        remove_temporaries(Path(config.out_dir), (METRICS_FILE, PLOT_FILE))
+    if config.checkpoint_dir is None:
+        return
+    remove_checkpoint_temporaries(config.checkpoint_dir)
+    if not has_checkpoint(config.checkpoint_dir):
+        return
+    if config.resume:
+        read_meta(config.checkpoint_dir)  # a corrupt checkpoint fails now, not after loading data
+    elif not config.overwrite:
+        path = Path(config.checkpoint_dir) / CHECKPOINT_JSON
+        raise SetupError(
+            f"{path} holds the checkpoint of an earlier run: pass `resume` to continue it, or "
+            "`overwrite` to start afresh and replace it (or pick another `checkpoint_dir`)."
+        )
+
+
 def train(
     config: Config,
     data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
@@ -160,6 +216,7 @@ def train(
     is done (to simulate an interruption; the schedule still spans `config.epochs`).
     """
     config.check()
+    prepare_run(config)
     if config.distributed:
         jax.distributed.initialize()
     is_main = jax.process_index() == 0
@@ -255,7 +312,7 @@ def train(
                     sums["jac_reg_steps"] = sums.get("jac_reg_steps", 0) + 1
             else:
                 skipped += 1
-                log(f"epoch {epoch} step {s}: non-finite loss or gradient, update skipped")
+                log(f"epoch {epoch} step {s}: non-finite loss, gradient or update: skipped")
             if bar is not None:
                 d = max(applied, 1)
                 bar.set_postfix(
