@@ -1,5 +1,6 @@
 """SHINE on the MNIST cell: does reusing forward Broyden's inverse-Jacobian estimate pay
-in the backward pass?
+in the backward pass? (`benchmarks.shine_adjoint.ShineAdjoint`; measured, not kept in
+the library: see the README.)
 
 For test digits, the DEQ cell of a trained MNIST model (read from a checkpoint of
 ``python -m fixedpoint_deq.mnist``) is solved with `fixedpoint.Broyden` (memory 30, RMS
@@ -34,16 +35,17 @@ import optimistix as optx
 
 def _rows(backward_tol: float, max_steps: int):
     import fixedpoint as fp
-    import fixedpoint_deq as fd
+
+    from .shine_adjoint import ShineAdjoint
 
     def linear(tol):
         return fp.linear.Anderson(rtol=tol, atol=1e-12, norm=optx.rms_norm, max_steps=max_steps)
 
     return {
         "implicit": fp.ImplicitAdjoint(linear(backward_tol), throw=False),
-        "shine-warm": fd.ShineAdjoint("warm", linear(backward_tol), throw=False),
-        "shine-precondition": fd.ShineAdjoint("precondition", linear(backward_tol), throw=False),
-        "shine": fd.ShineAdjoint("shine"),
+        "shine-warm": ShineAdjoint("warm", linear(backward_tol), throw=False),
+        "shine-precondition": ShineAdjoint("precondition", linear(backward_tol), throw=False),
+        "shine": ShineAdjoint("shine"),
         "jfb": fp.JacobianFreeAdjoint(),
         "phantom (5, 0.5)": fp.PhantomAdjoint(steps=5, beta=0.5),
     }

@@ -13,7 +13,6 @@
     intermediate states (Bai et al. 2022);
   - `FixedPointCache`: per-example warm starts;
   - `spectral_radius`, `JacobianRegSchedule`: monitoring and regularisation schedule;
-  - `ShineAdjoint`: the backward pass reusing forward Broyden's inverse-Jacobian estimate;
   - evaluation budgets: the `eval_max_steps` / `eval_solver` fields of `DEQ`.
 - `fixedpoint_deq.mnist`: a DEQ trained on MNIST from the command line.
 """
@@ -43,4 +42,3 @@ from ._norm import (
 )
 from ._reuse import FixedPointCache as FixedPointCache
 from ._seed import FixedPointSolver as FixedPointSolver
-from ._shine import ShineAdjoint as ShineAdjoint

@@ -14,7 +14,6 @@ import jax.flatten_util
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-import optimistix as optx
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -502,34 +501,22 @@ def test_correction_refuses_steps_outside_the_budget():
 # --------------------------------------------------------------------------- every adjoint
 
 
-_BACKWARD = fp.linear.Anderson(rtol=1e-5, atol=1e-7, max_steps=100)
 ADJOINTS = {
-    "implicit": fp.ImplicitAdjoint(_BACKWARD),
+    "implicit": fp.ImplicitAdjoint(fp.linear.Anderson(rtol=1e-5, atol=1e-7, max_steps=100)),
     "phantom": fp.PhantomAdjoint(steps=4, beta=0.6),
     "jfb": fp.JacobianFreeAdjoint(),
-    "shine": fd.ShineAdjoint("shine"),
-    "shine-warm": fd.ShineAdjoint("warm", _BACKWARD),
-    "shine-precondition": fd.ShineAdjoint("precondition", _BACKWARD),
 }
 
 
-def _backward_matrix(name, jac, broyden_state=None, beta=1.0):
-    """w = M zbar for each adjoint, with J = the cell's Jacobian at z* (and, for SHINE,
-    forward Broyden's final factors: H = -beta I + sum_i u_i v_i^T, w = -H^T zbar)."""
-    n = jac.shape[0]
-    eye = jnp.eye(n)
-    if name in ("implicit", "shine-warm", "shine-precondition"):
+def _backward_matrix(name, jac):
+    """w = M zbar for each adjoint, with J = the cell's Jacobian at z*."""
+    eye = jnp.eye(jac.shape[0])
+    if name == "implicit":
         return jnp.linalg.inv(eye - jac.T)
     if name == "phantom":
         a = ADJOINTS["phantom"]
         step = (1 - a.beta) * eye + a.beta * jac.T
         return a.beta * sum(jnp.linalg.matrix_power(step, i) for i in range(a.steps))
-    if name == "shine":
-        assert broyden_state is not None
-        u, v, count = broyden_state.u, broyden_state.v, broyden_state.count
-        valid = (jnp.arange(u.shape[0]) < count)[:, None]
-        h = -beta * eye + (jnp.where(valid, u, 0)).T @ v
-        return -h.T
     return eye
 
 
@@ -539,14 +526,16 @@ def test_every_piece_with_each_adjoint_under_vmap(name):
     over a batch with one key per sample, jitted and differentiated: the gradient of the
     fixed point's loss is the adjoint's formula applied to the map of each sample's
     solve. (The Jacobian regulariser and the spectral radius, which do not involve the
-    adjoint, are checked under vmap with the implicit one in
-    `test_jacobian_regularisation_schedule`.)"""
+    adjoint, are checked under vmap in `test_jacobian_regularisation_schedule`.)"""
     k1, k2, k3, k4, k5 = jax.random.split(jax.random.key(14), 5)
     cell = fd.normalise(make_cell(k1, scale=2.0, rate=0.2), key=k2, target=0.7)
-    shine = name.startswith("shine")
-    solver = fp.Broyden(rtol=1e-6, atol=1e-7, memory=8) if shine else TIGHT
-    correction = fd.FixedPointCorrection(steps=(2, 4))
-    deq = fd.DEQ(cell, solver=solver, adjoint=ADJOINTS[name], max_steps=60, correction=correction)
+    deq = fd.DEQ(
+        cell,
+        solver=TIGHT,
+        adjoint=ADJOINTS[name],
+        max_steps=60,
+        correction=fd.FixedPointCorrection(steps=(2, 4)),
+    )
     xs = jax.random.normal(k3, (3, N))
     keys = jax.random.split(k4, 3)
     readout = jax.random.normal(k5, (N,))
@@ -568,37 +557,15 @@ def test_every_piece_with_each_adjoint_under_vmap(name):
     for i in range(3):
 
         def cell_at(p, z, i=i):
-            d = eqx.combine(p, static)
-            return d.prepared_cell(keys[i])(z, xs[i])
+            return eqx.combine(p, static).prepared_cell(keys[i])(z, xs[i])
 
         jac = jax.jacfwd(lambda zz: cell_at(params, zz))(z[i])
-        state = None
-        if name == "shine":  # the same forward solve, to read Broyden's final factors
-            sol = optx.fixed_point(
-                lambda z, a: a[0](z, a[1]),
-                correction.recording(solver),
-                jnp.zeros(N),
-                (deq.prepared_cell(keys[i]), xs[i]),
-                max_steps=60,
-            )
-            np.testing.assert_allclose(sol.value, z[i], rtol=1e-5, atol=1e-6)
-            state = sol.state.inner
-        w = _backward_matrix(name, jac, state) @ readout
+        w = _backward_matrix(name, jac) @ readout
         _, vjp = jax.vjp(lambda p: cell_at(p, z[i]), params)
         expected = jtu.tree_map(jnp.add, expected, vjp(w)[0])
     got = eqx.filter(fd.without_backward_stats(grads), eqx.is_inexact_array)
-    got_w = got.cell.lin.layer.weight
-    np.testing.assert_allclose(got_w, expected.cell.lin.layer.weight, rtol=2e-3, atol=1e-5)
-    np.testing.assert_allclose(
-        got.cell.lin.layer.bias, expected.cell.lin.layer.bias, rtol=2e-3, atol=1e-5
-    )
-    if shine:
-        assert (float(stats.num_steps) == 0) == (name == "shine")
-
-
-def test_shine_needs_a_broyden_forward_solve():
-    deq = fd.DEQ(make_cell(jax.random.key(0)), adjoint=fd.ShineAdjoint())
-    with pytest.raises(ValueError, match="Broyden"):
-        jax.grad(lambda x: jnp.sum(deq(x)[0]))(jnp.ones(N))
-    with pytest.raises(ValueError, match="`mode`"):
-        fd.ShineAdjoint("exact")
+    for a, b in (
+        (got.cell.lin.layer.weight, expected.cell.lin.layer.weight),
+        (got.cell.lin.layer.bias, expected.cell.lin.layer.bias),
+    ):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)

@@ -1,27 +1,26 @@
-r"""Reusing forward Broyden's inverse-Jacobian estimate in the backward pass (SHINE,
-Ramzi et al. 2022; banax's GDEQ).
+r"""SHINE (Ramzi et al. 2022; banax's GDEQ): the backward pass of a `fixedpoint.Broyden`
+forward solve that reuses Broyden's final inverse-Jacobian estimate. An experiment of
+the benchmarks, measured by `benchmarks.shine` and NOT part of the library: on the
+trained MNIST cell it does not pay (see the README, "SHINE: measured, not kept").
 
-The forward solve of $g(z) = f(z) - z = 0$ by [`fixedpoint.Broyden`][] ends with a
-low-rank estimate $H = -\beta I + \sum_i u_i v_i^\top \approx J_g(z^*)^{-1}$. The
-implicit backward pass needs $\lambda = J_g^{-\top} \bar z$ (see
-[`fixedpoint.ImplicitAdjoint`][]); $H^\top \bar z$ approximates it at the cost of two
-products with the factors and no evaluation of $f$. [`fixedpoint_deq.ShineAdjoint`][]
-offers three ways to use it:
+The forward solve of $g(z) = f(z) - z = 0$ ends with a low-rank estimate
+$H = -\beta I + \sum_i u_i v_i^\top \approx J_g(z^*)^{-1}$. The implicit backward pass
+needs $\lambda = J_g^{-\top} \bar z$; $H^\top \bar z$ approximates it at the cost of two
+products with the factors and no evaluation of $f$. Three ways to use it:
 
 - `mode="shine"`: $\lambda = H^\top \bar z$, no backward solve (SHINE proper). Its
-  error is that of $H$ *in the direction $\bar z$*, which Broyden's secant updates
-  were never asked to make small: it is an approximate gradient, like the phantom or
-  Jacobian-free ones (the statistics report the backward residual it leaves).
+  error is that of $H$ in the direction $\bar z$, which Broyden's secant updates were
+  never asked to make small: an approximate gradient, like the phantom or Jacobian-free
+  ones (the statistics report the backward residual it leaves, one VJP to measure).
 - `mode="warm"`: the implicit backward solve started from $\lambda_0 = H^\top \bar z$
-  instead of 0 (exact up to the solver's tolerance, as `ImplicitAdjoint`).
+  instead of 0 (exact up to the solver's tolerance).
 - `mode="precondition"`: the backward system right-preconditioned by $H$: solve
   $-J_g^\top H^\top \mu = \bar z$ (an operator close to $-I$ when $H$ is good), then
   $\lambda = -H^\top \mu$ (exact up to the tolerance; each step costs one VJP and two
   products with the factors).
 
-The forward solver must be [`fixedpoint.Broyden`][] (a `ValueError` says so at trace
-time otherwise). Measured on the MNIST cell: see the README ("Reusing Broyden's inverse
-in the backward pass"), which says which modes pay.
+The forward solver must be `fixedpoint.Broyden` (possibly wrapped to record the states
+of `fixedpoint_deq.FixedPointCorrection`); a `ValueError` says so at trace time.
 """
 
 from __future__ import annotations
@@ -42,8 +41,7 @@ from fixedpoint._adjoint import _stats_like, BackwardStats
 from fixedpoint._iterate import batch_aware, while_loop
 from fixedpoint._solver.broyden import _apply_t
 from fixedpoint._validate import check_bool, check_choice
-
-from ._correction import _Recording
+from fixedpoint_deq._correction import _Recording
 
 
 MODES = ("shine", "warm", "precondition")
@@ -64,16 +62,15 @@ def _broyden_of(solver: Any, state: Any = None) -> tuple[fp.Broyden, Any]:
 
 
 class ShineAdjoint(optx.AbstractAdjoint):
-    r"""The backward pass of a [`fixedpoint.Broyden`][] forward solve that reuses its
-    final inverse-Jacobian estimate $H$ (the three modes: "SHINE" on the DEQ toolkit
-    page). Backward statistics come out of the
-    gradient as for [`fixedpoint.ImplicitAdjoint`][] (read them with
-    [`fixedpoint.backward_stats`][]); for `mode="shine"` `num_steps` is 0 and
-    `residual_norm` is the residual $\|J_g^\top \lambda - \bar z\|$ it leaves (one VJP
-    to measure it).
+    r"""The backward pass of a `fixedpoint.Broyden` forward solve that reuses its final
+    inverse-Jacobian estimate $H$ (the three modes: see the module documentation).
+    Backward statistics come out of the gradient as for `fixedpoint.ImplicitAdjoint`
+    (read them with `fixedpoint.backward_stats`); for `mode="shine"` `num_steps` is 0
+    and `residual_norm` is the residual $\|J_g^\top \lambda - \bar z\|$ it leaves (one
+    VJP to measure it).
 
     ```python
-    deq = fd.DEQ(cell, solver=fp.Broyden(memory=30), adjoint=fd.ShineAdjoint("warm"))
+    deq = fd.DEQ(cell, solver=fp.Broyden(memory=30), adjoint=ShineAdjoint("warm"))
     ```
     """
 
@@ -144,7 +141,7 @@ ShineAdjoint.__init__.__doc__ = """**Arguments:**
     it).
 - `linear_solver`: the backward linear solver of the `"warm"` and `"precondition"`
     modes (default `fixedpoint.linear.Anderson(rtol=1e-4, atol=1e-6)`); it must accept
-    an initial guess `options["y0"]` for `"warm"` (those of [`fixedpoint.linear`][] do).
+    an initial guess `options["y0"]` for `"warm"` (those of `fixedpoint.linear` do).
 - `throw`: raise an error when the backward solve fails, or return and flag it in the
     statistics (`stats.failed`).
 - `stats`: the statistics probe; leave it at its default.
