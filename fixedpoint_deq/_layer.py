@@ -5,11 +5,17 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 import fixedpoint as fp
 from fixedpoint._validate import as_int, check_bool, check_choice, check_int, check_real
+
+from ._correction import FixedPointCorrection
+from ._dropout import prepare_dropout
+from ._monitor import spectral_radius as _spectral_radius
+from ._norm import prepare_normalised_cell
 
 
 def _cell_fn(z, args):
@@ -70,6 +76,11 @@ class DEQRecord(eqx.Module):
     - `result`: the `optx.RESULTS` code of the forward solve.
     - `jac_reg`: the Hutchinson estimate of `||J_f(z*)||_F^2 / d` when asked for
       (`jac_reg=True`), else 0.
+    - `spectral_radius`: a power-iteration estimate of the spectral radius of
+      `J_f(z*)` when asked for (`spectral_radius=k` steps), else `None`; no gradient.
+    - `states`: the fixed-point-correction states (stacked, in the order of
+      `correction.steps`) when the DEQ has a `correction` and is not in inference mode,
+      else `None`.
 
     The backward statistics only exist after differentiation: read them from the
     gradient with [`fixedpoint.backward_stats`][].
@@ -81,6 +92,8 @@ class DEQRecord(eqx.Module):
     converged: Bool[Array, ""]
     result: optx.RESULTS
     jac_reg: Float[Array, ""]
+    spectral_radius: Float[Array, ""] | None = None
+    states: PyTree[Array] | None = None
 
 
 class DEQ(eqx.Module):
@@ -105,6 +118,22 @@ class DEQ(eqx.Module):
     deq = DEQ(cell)  # cell(z, x) -> z, e.g. an eqx.Module
     z_star, record = deq(x, key=key, jac_reg=True)
     ```
+
+    **Training and evaluation.** `eqx.nn.inference_mode(deq)` (which also switches off
+    variational dropout and the power iteration of normalised layers in the cell)
+    solves with `eval_solver` and `eval_max_steps` when they are set, e.g. a larger
+    budget and a tighter tolerance at evaluation, without rebuilding the model:
+
+    ```python
+    deq = DEQ(cell, max_steps=12, eval_max_steps=40,
+              eval_solver=fp.Anderson(m=5, rtol=1e-4, atol=1e-6, norm=optx.rms_norm))
+    z_eval, record = eqx.nn.inference_mode(deq)(x)   # 40 steps, rtol 1e-4
+    ```
+
+    (torchdeq's `eval_factor` is `eval_max_steps / max_steps`.) The toolkit pieces that
+    live in the cell ([`fixedpoint_deq.normalise`][],
+    [`fixedpoint_deq.VariationalDropout`][]) are prepared once per call, before the
+    solve, so the map is one fixed function during the solve and its backward pass.
     """
 
     cell: Callable[[PyTree[Array], PyTree[Array]], PyTree[Array]]
@@ -121,6 +150,12 @@ class DEQ(eqx.Module):
     init_scale: float = eqx.field(static=True, default=1.0)
     jac_reg_samples: int = eqx.field(static=True, default=1, converter=as_int)
     throw: bool = eqx.field(static=True, default=False)
+    inference: bool = False
+    eval_max_steps: int | None = eqx.field(static=True, default=None, converter=as_int)
+    eval_solver: optx.AbstractRootFinder | None = eqx.field(
+        default=None, converter=lambda s: None if s is None else _as_solver(s)
+    )
+    correction: FixedPointCorrection | None = None
 
     def __check_init__(self) -> None:
         if not isinstance(self.solver, _SOLVER_KINDS):
@@ -140,6 +175,20 @@ class DEQ(eqx.Module):
         check_int("jac_reg_samples", self.jac_reg_samples, low=1)
         check_real("init_scale", self.init_scale)
         check_bool("throw", self.throw)
+        check_bool("inference", self.inference)
+        if self.eval_solver is not None and not isinstance(self.eval_solver, _SOLVER_KINDS):
+            raise ValueError(
+                "`eval_solver` must be None, an optimistix root finder or fixed-point solver "
+                f"or one of the names {SOLVER_NAMES}; got {self.eval_solver!r}."
+            )
+        check_int("eval_max_steps", self.eval_max_steps, low=1, allow_none=True)
+        if self.correction is not None:
+            if not isinstance(self.correction, FixedPointCorrection):
+                raise ValueError(
+                    "`correction` must be a fixedpoint_deq.FixedPointCorrection, got "
+                    f"{type(self.correction).__name__}."
+                )
+            self.correction.check_budget(self.max_steps)
 
     def initial_state(
         self, like: PyTree[Array], key: PRNGKeyArray | None = None
@@ -165,29 +214,54 @@ class DEQ(eqx.Module):
             ],
         )
 
+    def prepared_cell(
+        self, key: PRNGKeyArray | None = None, *, inference: bool | None = None
+    ) -> Callable[[PyTree[Array], PyTree[Array]], PyTree[Array]]:
+        """The cell exactly as a call with this `key` solves with it: normalised layers
+        (see [`fixedpoint_deq.normalise`][]) folded into plain weights after the call's
+        power iteration (none in inference mode), variational dropout given the call's
+        masks (off in inference mode). The fixed point of a call is a fixed point of
+        `prepared_cell(key)`."""
+        inference = self.inference if inference is None else inference
+        cell = prepare_normalised_cell(self.cell, inference)
+        drop_key = None if key is None else jax.random.fold_in(key, 1)
+        return prepare_dropout(cell, drop_key, inference)
+
     def __call__(
         self,
         x: PyTree[Array],
         *,
         key: PRNGKeyArray | None = None,
         z0: PyTree[Array] | None = None,
-        jac_reg: bool = False,
+        jac_reg: bool | Bool[Array, ""] = False,
+        spectral_radius: int = 0,
+        inference: bool | None = None,
     ) -> tuple[PyTree[Array], DEQRecord]:
         """**Arguments:**
 
         - `x`: the input injected into the cell, `cell(z, x)`.
-        - `key`: a PRNG key, needed for `init="random"` and for `jac_reg=True`.
-        - `z0`: a starting point (warm start), or `jax.ShapeDtypeStruct`s giving the
-            state's structure, shapes and dtypes (the start is then from `init`).
-            Default: from `init`, with the structure of `x` (the usual case of an
-            injection shaped like the state); a state shaped otherwise needs `z0`.
+        - `key`: a PRNG key, needed for `init="random"`, for `jac_reg`, and for a cell
+            holding an active [`fixedpoint_deq.VariationalDropout`][] (one key per
+            sample under `vmap`: one mask per sample).
+        - `z0`: a starting point (warm start, see [`fixedpoint_deq.FixedPointCache`][]),
+            or `jax.ShapeDtypeStruct`s giving the state's structure, shapes and dtypes
+            (the start is then from `init`). Default: from `init`, with the structure of
+            `x` (the usual case of an injection shaped like the state); a state shaped
+            otherwise needs `z0`.
         - `jac_reg`: also return the Hutchinson estimate of `||J_f(z*)||_F^2 / d`
-            (differentiable; add it to the loss to keep the cell contractive).
+            (differentiable; add it to the loss to keep the cell contractive). A traced
+            boolean computes it under `lax.cond` (see
+            [`fixedpoint_deq.JacobianRegSchedule`][]).
+        - `spectral_radius`: (>= 0) if positive, that many power-iteration steps
+            estimate the spectral radius of `J_f(z*)` into `record.spectral_radius`.
+        - `inference`: override the `inference` field for this call.
 
         **Returns:** `(z_star, record)`, see [`fixedpoint_deq.DEQRecord`][].
         """
-        if jac_reg and key is None:
+        static_reg = isinstance(jac_reg, (bool, np.bool_))
+        if (jac_reg if static_reg else True) and key is None:
             raise ValueError("`jac_reg=True` needs a `key`.")
+        check_int("spectral_radius", spectral_radius, low=0)
         if key is not None:
             init_key, reg_key = jax.random.split(key)
         else:
@@ -197,29 +271,52 @@ class DEQ(eqx.Module):
             z0 = self.initial_state(x, init_key)
         elif any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jtu.tree_leaves(z0)):
             z0 = self.initial_state(z0, init_key)
-        args = (self.cell, x)
+        inference = self.inference if inference is None else inference
+        solver, max_steps = self.solver, self.max_steps
+        if inference:
+            solver = solver if self.eval_solver is None else self.eval_solver
+            max_steps = max_steps if self.eval_max_steps is None else self.eval_max_steps
+        correction = None if inference else self.correction
+        args = (self.prepared_cell(key, inference=inference), x)
         self._check_state(z0, args, default_start)
         sol = optx.fixed_point(
             _cell_fn,
-            self.solver,
+            solver if correction is None else correction.recording(solver),
             z0,
             args,
-            max_steps=self.max_steps,
+            max_steps=max_steps,
             adjoint=self.adjoint,
             throw=self.throw,
         )
         z_star = sol.value
         dtype = jnp.result_type(*jtu.tree_leaves(z_star))
         residual = jnp.asarray(sol.stats.get("residual_norm", jnp.nan), dtype)
-        norm = getattr(self.solver, "norm", optx.max_norm)
+        norm = getattr(solver, "norm", optx.max_norm)
         scale = jnp.asarray(norm(jax.lax.stop_gradient(z_star)), dtype)
-        if jac_reg:
+
+        def regularisation():
             assert reg_key is not None  # checked on entry
-            reg = fp.jacobian_regularisation(
-                _cell_fn, z_star, args, key=reg_key, samples=self.jac_reg_samples
+            return jnp.asarray(
+                fp.jacobian_regularisation(
+                    _cell_fn, z_star, args, key=reg_key, samples=self.jac_reg_samples
+                ),
+                dtype,
             )
+
+        if not static_reg:
+            zero = jnp.zeros((), dtype)
+            reg = jax.lax.cond(jnp.asarray(jac_reg), regularisation, lambda: zero)
+        elif jac_reg:
+            reg = regularisation()
         else:
             reg = jnp.zeros((), dtype)
+        radius = None
+        if spectral_radius:
+            radius_key = jax.random.key(0) if key is None else jax.random.fold_in(key, 2)
+            radius = _spectral_radius(
+                _cell_fn, z_star, args, key=radius_key, steps=spectral_radius
+            ).astype(dtype)
+        states = None if correction is None else correction.states(sol, _cell_fn, args)
         record = DEQRecord(
             num_steps=sol.stats["num_steps"],
             residual_norm=residual,
@@ -227,6 +324,8 @@ class DEQ(eqx.Module):
             converged=sol.result == optx.RESULTS.successful,
             result=sol.result,
             jac_reg=reg,
+            spectral_radius=radius,
+            states=states,
         )
         return z_star, record
 
@@ -280,4 +379,14 @@ DEQ.__init__.__doc__ = """**Arguments:**
 - `jac_reg_samples`: (>= 1) probes of the Jacobian penalty (`jac_reg=True`).
 - `throw`: raise when the forward solve fails, instead of reporting it in the
     record.
+- `inference`: evaluation mode (usually set by `eqx.nn.inference_mode`): solve with
+    `eval_solver` / `eval_max_steps`, no dropout, no power iteration, no correction
+    states.
+- `eval_max_steps`: (>= 1 or None) the forward budget in inference mode (default:
+    `max_steps`).
+- `eval_solver`: the forward solver in inference mode, e.g. a tighter tolerance, or a
+    name as for `solver` (default: `solver`).
+- `correction`: a [`fixedpoint_deq.FixedPointCorrection`][]: also return
+    phantom-differentiable states of the forward solve in `record.states` (training
+    mode); its steps must lie within `max_steps`.
 """

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import fixedpoint as fp
+import fixedpoint_deq as fd
 from fixedpoint_deq import DEQ
 from fixedpoint_deq.mnist import train as tr
 from fixedpoint_deq.mnist.model import _norm_hwc, conv3x3, ConvCell
@@ -642,3 +643,68 @@ def test_an_update_that_is_not_finite_is_skipped(tmp_path):
     with pytest.raises(ValueError, match="non-finite"):
         tr.save_checkpoint(tmp_path, 1, bad, {}, jax.random.key(0), [], config)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- DEQ toolkit
+
+# Every piece of the toolkit on at once (one compilation): spectral normalisation,
+# variational dropout, an evaluation budget and tolerance, the Jacobian regulariser on
+# every 2nd step, the spectral radius at the test fixed points, warm starts, correction.
+TOOLKIT: dict[str, Any] = dict(
+    SMALL, width=4, train_subset=128, test_subset=64, eval_batch_size=64, max_steps=6,
+    norm="spectral", norm_target=0.9, dropout=0.2, eval_max_steps=9, eval_fwd_tol=1e-3,
+    jac_reg_every=2, spectral_radius_steps=3, reuse_fixed_points=True, correction_states=2,
+)
+
+
+@needs_data
+def test_toolkit_run_logs_every_piece_and_resumes_exactly(digits, tmp_path):
+    train_x, train_y, test_x, test_y = digits
+    data = (train_x[:128], train_y[:128], test_x[:64], test_y[:64])
+    straight = tr.train(tr.Config(**TOOLKIT, checkpoint_dir=str(tmp_path / "a")), data,
+                        progress=False, log=lambda s: None)
+    for r in straight.history:
+        assert r["skipped"] == 0
+        assert r["jac_reg_steps"] == 2 and np.isfinite(r["jac_reg"])  # 4 steps, every 2nd
+        assert 0 < r["test_spectral_radius"] < 10
+        assert 1 <= r["test_fwd_steps"] <= 9 and 1 <= r["fwd_steps"] <= 6
+    assert [r["warm_start_rate"] for r in straight.history] == [0.0, 1.0]
+    # The power iteration is advanced by the training steps and kept in the model.
+    conv = straight.model.deq.cell.conv
+    assert isinstance(conv, fd.NormalisedLayer)
+    fresh = tr.make_model(tr.Config(**TOOLKIT)).deq.cell.conv
+    assert not np.allclose(np.asarray(conv.u), np.asarray(fresh.u))
+    sigma = np.linalg.norm(np.asarray(conv.weight).reshape(4, -1), 2)
+    assert sigma <= 0.9 * 1.05
+    # Resuming after epoch 1 gives the same weights, vectors and warm-start cache.
+    ckpt = tmp_path / "b"
+    base = dict(TOOLKIT, checkpoint_dir=str(ckpt))
+    tr.train(tr.Config(**base), data, progress=False, log=lambda s: None, stop_after_epoch=1)
+    assert sorted(p.name for p in ckpt.glob("fixed-points-*")) == ["fixed-points-0001.npz"]
+    resumed = tr.train(tr.Config(**base, resume=True), data, progress=False, log=lambda s: None)
+    for a, b in zip(_params(straight.model), _params(resumed.model), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    assert resumed.history[1]["warm_start_rate"] == 1.0
+    assert resumed.history[1]["fwd_steps"] == pytest.approx(straight.history[1]["fwd_steps"])
+    cached = [np.load(d / "fixed-points-0002.npz")["states"] for d in (tmp_path / "a", ckpt)]
+    np.testing.assert_allclose(cached[0], cached[1], rtol=1e-5, atol=1e-6)
+    # The trained model loads back from its checkpoint, normalised as it was trained.
+    model, config, epoch = tr.load_model(ckpt)
+    assert epoch == 2 and config.norm == "spectral"
+    for a, b in zip(_params(model), _params(resumed.model), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def test_config_refuses_bad_toolkit_values_naming_them():
+    for kwargs, name in [
+        (dict(norm="batch"), "norm"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(jac_reg_every=0), "jac_reg_every"),
+        (dict(eval_max_steps=0), "eval_max_steps"),
+        (dict(correction_states=30), "correction_states"),
+        (dict(reuse_fixed_points=True, distributed=True), "reuse_fixed_points"),
+    ]:
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            tr.Config(**kwargs).check()
+    assert tr.Config(correction_states=2, max_steps=30).correction_steps() == (10, 20)
+    assert tr.Config().correction_steps() == ()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, cast, Literal
 
+import equinox as eqx
 import jax
 import jax.tree_util as jtu
 import optax
@@ -11,16 +12,17 @@ import optimistix as optx
 
 import fixedpoint as fp
 
+from .._correction import FixedPointCorrection
+from .._norm import normalise
 from .config import Config
-from .model import DEQClassifier
+from .model import ConvCell, DEQClassifier
 
 
-def make_solver(config: Config) -> fp.AbstractFixedPointRootFinder:
+def make_solver(config: Config, tol: float | None = None) -> fp.AbstractFixedPointRootFinder:
     """The forward root finder. Its stopping rule is relative, in the RMS norm:
-    ``rms(r / (tol + tol * |z|)) < 1``."""
-    kwargs: dict[str, Any] = dict(
-        rtol=config.fwd_tol, atol=config.fwd_tol, norm=optx.rms_norm, beta=config.beta
-    )
+    ``rms(r / (tol + tol * |z|)) < 1`` with `tol` (default `config.fwd_tol`)."""
+    tol = config.fwd_tol if tol is None else tol
+    kwargs: dict[str, Any] = dict(rtol=tol, atol=tol, norm=optx.rms_norm, beta=config.beta)
     kwargs.update(_history(config, config.solver))
     return fp.solver_from_name(config.solver, **kwargs)
 
@@ -54,18 +56,42 @@ def _history(config: Config, name: str) -> dict[str, Any]:
 
 
 def make_model(config: Config, key: jax.Array | None = None) -> DEQClassifier:
-    """The classifier, initialised from `key` (default: derived from `config.seed`)."""
+    """The classifier, initialised from `key` (default: derived from `config.seed`),
+    with the DEQ toolkit's settings: normalisation of the cell's convolution, dropout,
+    evaluation budget, fixed-point correction."""
     if key is None:
         key = jax.random.fold_in(jax.random.key(config.seed), 10**6)
-    return DEQClassifier(
+    steps = config.correction_steps()
+    model = DEQClassifier(
         config.width,
         solver=make_solver(config),
         adjoint=make_adjoint(config),
         max_steps=config.max_steps,
         groups=config.groups,
         head=cast(Literal["mean", "pool4"], config.head),  # checked by Config.check
+        dropout=config.dropout,
+        eval_max_steps=config.eval_max_steps,
+        eval_solver=None
+        if config.eval_fwd_tol is None
+        else make_solver(config, config.eval_fwd_tol),
+        correction=FixedPointCorrection(steps) if steps else None,
         key=key,
     )
+    if config.norm != "none":
+        cell = model.deq.cell
+        assert isinstance(cell, ConvCell)
+        cell = normalise(
+            cell,
+            config.norm,
+            key=jax.random.fold_in(key, 1),
+            filter=lambda node: node is cell.conv,
+            target=config.norm_target,
+            clip=config.norm_clip,
+            learn_scale=config.norm_learn_scale if config.norm == "weight" else None,
+            power_iterations=config.power_iterations,
+        )
+        model = eqx.tree_at(lambda m: m.deq.cell, model, cell)
+    return model
 
 
 def _decay_mask(params):

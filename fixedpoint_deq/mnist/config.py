@@ -20,6 +20,7 @@ from .model import HEADS
 
 
 FORWARD_SOLVERS = ("anderson", "broyden", "neumann")
+NORMS = ("none", "weight", "spectral")
 BACKWARD_MODES = ("implicit", "jfb", "phantom")
 BACKWARD_SOLVERS = ("anderson", "broyden", "neumann")
 
@@ -29,11 +30,13 @@ GROUPS = (
     "model",
     "forward solver",
     "backward pass",
+    "DEQ toolkit",
     "output, resuming, devices",
 )
 
 # Settings that shape the model or the data stream: a resumed run must agree on them.
 RESUME_KEYS = ("width", "groups", "head", "seed", "batch_size", "train_subset", "augment_shift")
+RESUME_KEYS += ("norm", "dropout")  # they change the model's leaves
 
 #: The sizes of MNIST's training and test sets.
 MNIST_TRAIN_SIZE = 60000
@@ -296,6 +299,90 @@ class Config:
         "seed of initialisation, data order and probes (default {default})",
         rule=Integer(0, 2**32 - 1),
     )
+    # The DEQ toolkit (fixedpoint_deq): stabilisers, budgets, monitoring, reuse.
+    norm: str = option(
+        "none",
+        "DEQ toolkit",
+        "normalise the cell's convolution: 'weight' or 'spectral' normalisation "
+        "(default {default})",
+        choices=NORMS,
+    )
+    norm_target: float = option(
+        1.0,
+        "DEQ toolkit",
+        "target norm of --norm spectral (spectral norm of the kernel's matrix view) or "
+        "of a fixed-scale --norm weight (default {default})",
+        rule=Real(0.0, low_open=True),
+    )
+    norm_clip: bool = option(
+        False, "DEQ toolkit", "--norm: only scale the weight down to the target, never up"
+    )
+    norm_learn_scale: bool = option(
+        False, "DEQ toolkit", "--norm weight: learn the row scales (default: fixed target)"
+    )
+    power_iterations: int = option(
+        1,
+        "DEQ toolkit",
+        "power-iteration steps per step of --norm spectral (default {default})",
+        rule=POSITIVE,
+    )
+    dropout: float = option(
+        0.0,
+        "DEQ toolkit",
+        "variational channel dropout rate in the cell, in [0, 1): one mask per sample "
+        "per solve (default {default}: off)",
+        rule=Real(0.0, 1.0, high_open=True),
+    )
+    eval_max_steps: int | None = option(
+        None,
+        "DEQ toolkit",
+        "forward step budget at evaluation (default: --max-steps)",
+        metavar="N",
+        rule=POSITIVE,
+    )
+    eval_fwd_tol: float | None = option(
+        None,
+        "DEQ toolkit",
+        "forward tolerance at evaluation (default: --fwd-tol)",
+        metavar="TOL",
+        rule=Real(0.0),
+    )
+    jac_reg_every: int = option(
+        1,
+        "DEQ toolkit",
+        "compute the Jacobian regulariser on every N-th training step only (default {default})",
+        metavar="N",
+        rule=POSITIVE,
+    )
+    spectral_radius_steps: int = option(
+        0,
+        "DEQ toolkit",
+        "log a power-iteration estimate (N JVPs) of the spectral radius of the cell's "
+        "Jacobian at the test fixed points (default {default}: off)",
+        metavar="N",
+        rule=NON_NEGATIVE,
+    )
+    reuse_fixed_points: bool = option(
+        False,
+        "DEQ toolkit",
+        "warm-start each training example from its fixed point of the previous epoch "
+        "(a per-example cache: 28*28*width floats per training digit, in memory and in "
+        "the checkpoint)",
+    )
+    correction_states: int = option(
+        0,
+        "DEQ toolkit",
+        "fixed-point correction: supervise N intermediate forward states, evenly spaced "
+        "in the budget, each with a one-step phantom gradient (default {default}: off)",
+        metavar="N",
+        rule=NON_NEGATIVE,
+    )
+    correction_gamma: float = option(
+        0.8,
+        "DEQ toolkit",
+        "decay of the correction losses' weights (default {default})",
+        rule=Real(0.0, 1.0),
+    )
     # Output.
     checkpoint_dir: str | None = option(
         None,
@@ -351,6 +438,16 @@ class Config:
                 f"`batch_size` ({self.batch_size}) is larger than the training set "
                 f"({n_train} digits): an epoch would have no step."
             )
+        if self.correction_states >= self.max_steps:
+            raise ValueError(
+                f"`correction_states` ({self.correction_states}) must be below `max_steps` "
+                f"({self.max_steps}): the corrected states are distinct forward steps."
+            )
+        if self.reuse_fixed_points and self.distributed:
+            raise ValueError(
+                "`reuse_fixed_points` keeps the cache in this process: it does not support "
+                "`distributed` (multi-host) runs."
+            )
         if self.resume and self.overwrite:
             raise ValueError("`resume` and `overwrite` exclude each other: pick one.")
         for name in ("resume", "overwrite"):
@@ -364,6 +461,12 @@ class Config:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {_RENAMED.get(k, k): v for k, v in saved.items()}
         return cls(**{k: v for k, v in values.items() if k in fields})
+
+    def correction_steps(self) -> tuple[int, ...]:
+        """The forward steps supervised by fixed-point correction: `correction_states`
+        steps evenly spaced in ``[1, max_steps)`` (empty when off)."""
+        n = self.correction_states
+        return tuple(sorted({max(1, (i + 1) * self.max_steps // (n + 1)) for i in range(n)}))
 
     def step_settings(self) -> tuple[tuple[str, Any], ...]:
         """The settings that determine the jitted steps (hashable: a cache key)."""

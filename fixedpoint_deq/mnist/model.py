@@ -33,7 +33,10 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._correction import FixedPointCorrection
+from .._dropout import VariationalDropout
 from .._layer import DEQ, DEQRecord
+
 
 HEADS = ("mean", "pool4")
 
@@ -107,18 +110,26 @@ def _groups(channels: int, groups: int) -> int:
 
 class ConvCell(eqx.Module):
     """``f(z, x) = GroupNorm(GELU(Conv(C -> C, 3x3, padding 1)(z))) + x`` on channels-last
-    ``(H, W, C)`` states."""
+    ``(H, W, C)`` states; with `dropout > 0`, a variational channel dropout (one mask
+    per sample and solve) is applied to the GroupNorm's output."""
 
     conv: eqx.nn.Conv2d
     norm: eqx.nn.GroupNorm
+    drop: VariationalDropout | None = None
 
-    def __init__(self, channels: int, groups: int = 1, *, key: PRNGKeyArray):
+    def __init__(self, channels: int, groups: int = 1, *, dropout: float = 0.0, key: PRNGKeyArray):
         self.conv = eqx.nn.Conv2d(channels, channels, 3, padding=1, key=key)
         self.norm = eqx.nn.GroupNorm(_groups(channels, groups), channels)
+        # No layer at all when off, so that the model's leaves (and checkpoints) are
+        # those of a model without dropout.
+        self.drop = VariationalDropout(dropout, shared_axes=(0, 1)) if dropout > 0 else None
 
     def __call__(self, z: Float[Array, "H W C"], x: Float[Array, "H W C"]) -> Float[Array, "H W C"]:
         kernel, bias = _hwio(self.conv)
-        return _norm_hwc(self.norm, jax.nn.gelu(conv3x3(kernel, z) + bias)) + x
+        out = _norm_hwc(self.norm, jax.nn.gelu(conv3x3(kernel, z) + bias))
+        if self.drop is not None:
+            out = self.drop(out)
+        return out + x
 
 
 class DEQClassifier(eqx.Module):
@@ -139,6 +150,10 @@ class DEQClassifier(eqx.Module):
         max_steps: int = 30,
         groups: int = 1,
         head: Literal["mean", "pool4"] = "pool4",
+        dropout: float = 0.0,
+        eval_max_steps: int | None = None,
+        eval_solver: optx.AbstractRootFinder | None = None,
+        correction: FixedPointCorrection | None = None,
         key: PRNGKeyArray,
     ):
         if head not in HEADS:
@@ -146,8 +161,17 @@ class DEQClassifier(eqx.Module):
         k_proj, k_cell, k_head = jax.random.split(key, 3)
         self.project = eqx.nn.Conv2d(1, width, 3, padding=1, key=k_proj)
         self.project_norm = eqx.nn.GroupNorm(_groups(width, groups), width)
-        cell = ConvCell(width, groups, key=k_cell)
-        self.deq = DEQ(cell, solver=solver, adjoint=adjoint, max_steps=max_steps, init="zero")
+        cell = ConvCell(width, groups, dropout=dropout, key=k_cell)
+        self.deq = DEQ(
+            cell,
+            solver=solver,
+            adjoint=adjoint,
+            max_steps=max_steps,
+            init="zero",
+            eval_max_steps=eval_max_steps,
+            eval_solver=eval_solver,
+            correction=correction,
+        )
         features = width if head == "mean" else width * 16
         self.head = eqx.nn.Linear(features, 10, key=k_head)
         self.head_kind = head
@@ -159,15 +183,35 @@ class DEQClassifier(eqx.Module):
         h, w, c = z.shape
         return z.reshape(4, h // 4, 4, w // 4, c).mean(axis=(1, 3)).reshape(-1)
 
+    def logits(self, z: Float[Array, "28 28 C"]) -> Float[Array, " 10"]:
+        """The head's logits of a (channels-last) DEQ state."""
+        return self.head(self.features(z))
+
+    def solve(
+        self,
+        image: Float[Array, "1 28 28"],
+        *,
+        key: PRNGKeyArray | None = None,
+        jac_reg: bool | Array = False,
+        z0: Float[Array, "28 28 C"] | None = None,
+        spectral_radius: int = 0,
+    ) -> tuple[Float[Array, " 10"], DEQRecord, Float[Array, "28 28 C"]]:
+        """Logits of one normalised image, the DEQ's record and its fixed point (the
+        arguments are those of the `DEQ` call; `z0` a warm start)."""
+        x_inj = self.project_norm(jax.nn.gelu(self.project(image)))  # (C, 28, 28)
+        x_inj = jnp.moveaxis(x_inj, 0, -1)  # channels-last, see the module docstring
+        z_star, record = self.deq(
+            x_inj, key=key, jac_reg=jac_reg, z0=z0, spectral_radius=spectral_radius
+        )
+        return self.logits(z_star), record, z_star
+
     def __call__(
         self,
         image: Float[Array, "1 28 28"],
         *,
         key: PRNGKeyArray | None = None,
-        jac_reg: bool = False,
+        jac_reg: bool | Array = False,
     ) -> tuple[Float[Array, " 10"], DEQRecord]:
         """Logits of one normalised image, and the DEQ's record."""
-        x_inj = self.project_norm(jax.nn.gelu(self.project(image)))  # (C, 28, 28)
-        x_inj = jnp.moveaxis(x_inj, 0, -1)  # channels-last, see the module docstring
-        z_star, record = self.deq(x_inj, key=key, jac_reg=jac_reg)
-        return self.head(self.features(z_star)), record
+        logits, record, _ = self.solve(image, key=key, jac_reg=jac_reg)
+        return logits, record

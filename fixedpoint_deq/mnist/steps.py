@@ -20,6 +20,8 @@ import optax
 
 from fixedpoint import backward_stats, without_backward_stats
 
+from .._correction import correction_weights
+from .._norm import has_normalisation, update_normalisation
 from .build import make_optimizer
 from .config import Config
 from .inputs import shift_image
@@ -58,25 +60,44 @@ def guarded_update(optimizer: optax.GradientTransformation, grads, model, opt_st
 
 
 def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> Callable:
-    """``step(model, opt_state, images, labels, key) -> (model, opt_state, metrics)``,
-    jitted. `metrics` holds batch means (``loss`` = cross-entropy, ``acc``,
-    ``fwd_steps``, ``fwd_converged``, ``jac_reg``, ``bwd_steps``) and ``finite``
-    (whether the update was applied: a step whose loss, gradient or update is not
-    finite leaves the model and the optimiser state unchanged, see `guarded_update`)."""
+    """``step(model, opt_state, images, labels, key, jac_on=True, z0=None) -> (model,
+    opt_state, metrics)``, jitted. `metrics` holds batch means (``loss`` =
+    cross-entropy of the fixed point, ``acc``, ``fwd_steps``, ``fwd_converged``,
+    ``jac_reg``, ``bwd_steps``) and ``finite`` (whether the update was applied: a step
+    whose loss, gradient or update is not finite leaves the model and the optimiser
+    state unchanged, see `guarded_update`).
+
+    The DEQ toolkit: `jac_on` (a boolean array) says whether this step computes the
+    Jacobian regulariser (`config.jac_reg_every`); `z0` (batched states) warm-starts
+    the forward solves, and then ``metrics["z_star"]`` holds the fixed points; the
+    stored power iteration of a normalised cell is advanced once per applied step; with
+    fixed-point correction the loss adds the decaying-weight cross-entropies of the
+    corrected states."""
     jac_weight = float(config.jac_reg)
     use_reg = jac_weight > 0
     max_shift = int(config.augment_shift)
+    weights = correction_weights(len(config.correction_steps()), config.correction_gamma)
 
-    def loss_fn(model, images, labels, key):
+    def loss_fn(model, images, labels, key, jac_on, z0):
         batch = images.shape[0]
         keys = jax.random.split(key, 2 * batch)
         if max_shift:
             images = jax.vmap(lambda im, k: shift_image(im, k, max_shift))(images, keys[batch:])
-        logits, record = jax.vmap(lambda im, k: model(im, key=k, jac_reg=use_reg))(
-            images, keys[:batch]
-        )
+        reg = jac_on if use_reg else False
+
+        def one(im, k, z0):
+            return model.solve(im, key=k, jac_reg=reg, z0=z0)
+
+        logits, record, z_star = jax.vmap(one)(images, keys[:batch], z0)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         total = jnp.mean(ce) + jac_weight * jnp.mean(record.jac_reg)
+        if weights:
+            # record.states: (batch, len(weights), 28, 28, C); their logits likewise.
+            state_logits = jax.vmap(jax.vmap(model.logits))(record.states)
+            for j, w in enumerate(weights):
+                total = total + w * jnp.mean(
+                    optax.softmax_cross_entropy_with_integer_labels(state_logits[:, j], labels)
+                )
         aux = dict(
             loss=jnp.mean(ce),
             acc=jnp.mean(jnp.argmax(logits, -1) == labels),
@@ -84,17 +105,25 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> 
             fwd_converged=jnp.mean(record.converged),
             jac_reg=jnp.mean(record.jac_reg),
         )
+        if z0 is not None:
+            aux["z_star"] = z_star
         return total, aux
 
     @eqx.filter_jit
-    def step(model, opt_state, images, labels, key):
+    def step(model, opt_state, images, labels, key, jac_on=True, z0=None):
         (total, aux), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(
-            model, images, labels, key
+            model, images, labels, key, jac_on, z0
         )
         stats = backward_stats(grads)
         assert stats is not None  # every adjoint of `make_adjoint` carries statistics
         grads = without_backward_stats(grads)
         model, opt_state, finite = guarded_update(optimizer, grads, model, opt_state, total)
+        if has_normalisation(model):
+            # The power iteration follows the new weights; a skipped step changes nothing.
+            advanced = update_normalisation(model)
+            model = jtu.tree_map(
+                lambda a, b: jnp.where(finite, a, b) if eqx.is_array(a) else a, advanced, model
+            )
         batch = images.shape[0]
         # Backward statistics are summed over the vmapped batch: take the mean.
         bwd_steps = stats.num_steps / batch
@@ -108,21 +137,34 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> 
 
 def make_eval_step(config: Config) -> Callable:
     """``evaluate(model, images, labels, mask) -> sums`` of ``loss``, ``correct``,
-    ``fwd_steps``, ``fwd_converged`` and ``count`` over the unmasked samples."""
-    del config
+    ``fwd_steps``, ``fwd_converged``, ``count`` (and ``spectral_radius`` with
+    `config.spectral_radius_steps`) over the unmasked samples. The model runs in
+    inference mode (`eqx.nn.inference_mode`): the evaluation budget and tolerance, no
+    dropout, no power iteration."""
+    radius_steps = int(config.spectral_radius_steps)
 
     @eqx.filter_jit
     def evaluate(model, images, labels, mask):
-        logits, record = jax.vmap(lambda im: model(im))(images)
+        model = eqx.nn.inference_mode(model)
+        keys = jax.random.split(jax.random.key(0), images.shape[0])
+
+        def one(im, k):
+            logits, record, _ = model.solve(im, key=k, spectral_radius=radius_steps)
+            return logits, record
+
+        logits, record = jax.vmap(one)(images, keys)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         w = mask.astype(jnp.float32)
-        return dict(
+        sums = dict(
             loss=jnp.sum(jnp.where(mask, ce, 0.0)),
             correct=jnp.sum(w * (jnp.argmax(logits, -1) == labels)),
             fwd_steps=jnp.sum(w * record.num_steps),
             fwd_converged=jnp.sum(w * record.converged),
             count=jnp.sum(w),
         )
+        if radius_steps:
+            sums["spectral_radius"] = jnp.sum(w * record.spectral_radius)
+        return sums
 
     return evaluate
 

@@ -53,9 +53,11 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from .._monitor import JacobianRegSchedule
 from ._files import ensure_writable_directory, remove_temporaries
 from .build import make_adjoint, make_model, make_optimizer, make_solver
 from .checkpoint import (
@@ -80,6 +82,7 @@ from .inputs import epoch_order, load_data, prepare_images, step_key
 from .metrics import METRICS_FILE, PLOT_FILE, plot_metrics, write_metrics
 from .sharding import batch_sharding, make_mesh, put, replicate, scalars
 from .steps import compiled_steps, make_eval_step, make_train_step
+from .warm import WarmStarts
 
 
 __all__ = [
@@ -157,12 +160,15 @@ def evaluate(
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + v
     count = max(sums["count"], 1.0)
-    return dict(
+    out = dict(
         test_loss=sums["loss"] / count,
         test_acc=sums["correct"] / count,
         test_fwd_steps=sums["fwd_steps"] / count,
         test_fwd_converged=sums["fwd_converged"] / count,
     )
+    if "spectral_radius" in sums:
+        out["test_spectral_radius"] = sums["spectral_radius"] / count
+    return out
 
 
 def prepare_run(config: Config) -> None:
@@ -242,6 +248,8 @@ def train(
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     history: list[dict] = []
     start_epoch = 1
+    warm = WarmStarts(n, config.width) if config.reuse_fixed_points else None
+    schedule = JacobianRegSchedule(config.jac_reg, every=config.jac_reg_every)
     if config.resume:
 
         def check(saved: dict) -> None:
@@ -260,6 +268,8 @@ def train(
             epoch, model, opt_state, base_key, history, saved = loaded
             start_epoch = epoch + 1
             log(f"resumed from {config.checkpoint_dir} after epoch {epoch}")
+            if warm is not None:
+                warm.load(config.checkpoint_dir, epoch, log)
 
     model = replicate(model, mesh)
     opt_state = replicate(opt_state, mesh)
@@ -281,14 +291,25 @@ def train(
             idx = order[s * config.batch_size : (s + 1) * config.batch_size]
             x = put(train_x[idx], sharding)
             y = put(train_y[idx], sharding)
+            extra: dict[str, Any] = {}
+            reg_on = schedule.active((epoch - 1) * steps_per_epoch + s)
+            if config.jac_reg_every > 1:  # (else the default: every step)
+                extra["jac_on"] = jnp.asarray(reg_on)
+            if warm is not None:
+                extra["z0"] = put(warm.lookup(idx), sharding)
             model, opt_state, metrics = train_step(
-                model, opt_state, x, y, step_key(base_key, epoch, s)
+                model, opt_state, x, y, step_key(base_key, epoch, s), **extra
             )
+            if warm is not None:
+                warm.update(idx, metrics.pop("z_star"))
             m = scalars(metrics)
             if m["finite"] > 0.5:
                 applied += 1
-                for k in ("loss", "acc", "fwd_steps", "fwd_converged", "jac_reg", "bwd_steps"):
+                for k in ("loss", "acc", "fwd_steps", "fwd_converged", "bwd_steps"):
                     sums[k] = sums.get(k, 0.0) + m[k]
+                if reg_on:
+                    sums["jac_reg"] = sums.get("jac_reg", 0.0) + m["jac_reg"]
+                    sums["jac_reg_steps"] = sums.get("jac_reg_steps", 0) + 1
             else:
                 skipped += 1
                 log(f"epoch {epoch} step {s}: non-finite loss, gradient or update: skipped")
@@ -313,9 +334,12 @@ def train(
             fwd_steps=sums.get("fwd_steps", math.nan) / d,
             bwd_steps=sums.get("bwd_steps", math.nan) / d,
             fwd_converged=sums.get("fwd_converged", math.nan) / d,
-            jac_reg=sums.get("jac_reg", math.nan) / d,
+            jac_reg=sums.get("jac_reg", math.nan) / max(sums.get("jac_reg_steps", 0), 1),
+            jac_reg_steps=sums.get("jac_reg_steps", 0),
             skipped=skipped,
         )
+        if warm is not None:
+            record["warm_start_rate"] = warm.take_hit_rate()
         record.update(
             evaluate(
                 model,
@@ -337,11 +361,23 @@ def train(
                 f"({100 * record['fwd_converged']:.1f}% converged), bwd "
                 f"{record['bwd_steps']:.1f} | jac_reg {record['jac_reg']:.3f} | "
                 f"skipped {skipped} | {record['wall_time']:.0f} s"
+                + "".join(
+                    f" | {name} {record[key]:.3f}"
+                    for key, name in (
+                        ("test_spectral_radius", "spectral radius"),
+                        ("warm_start_rate", "warm starts"),
+                    )
+                    if key in record
+                )
             )
             if config.checkpoint_dir is not None:
+                if warm is not None:  # first: the checkpoint's JSON is the commit point
+                    warm.save(config.checkpoint_dir, epoch)
                 save_checkpoint(
                     config.checkpoint_dir, epoch, model, opt_state, base_key, history, config
                 )
+                if warm is not None:
+                    warm.prune(config.checkpoint_dir, epoch)
             if config.out_dir is not None:
                 write_metrics(config.out_dir, history)
     return Result(

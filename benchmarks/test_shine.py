@@ -1,0 +1,84 @@
+"""The SHINE experiment (`benchmarks.shine_adjoint`): each mode computes what it claims,
+under `vmap`, `jit` and `grad`, also with the states of fixed-point correction recorded.
+
+- ``shine``: w = -H^T zbar with H built from the same forward solve's final Broyden
+  factors (read from `optx.fixed_point`'s final state);
+- ``warm`` and ``precondition``: the exact implicit gradient, (I - J^T)^-1 zbar.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+import pytest
+
+import fixedpoint as fp
+import fixedpoint_deq as fd
+
+from .shine_adjoint import ShineAdjoint
+
+
+N = 6
+BACKWARD = fp.linear.Anderson(rtol=1e-5, atol=1e-7, max_steps=100)
+SOLVER = fp.Broyden(rtol=1e-6, atol=1e-7, memory=8)
+
+
+class Cell(eqx.Module):
+    weight: jax.Array
+
+    def __call__(self, z, x):
+        return jnp.tanh(self.weight @ z + x)
+
+
+@pytest.mark.parametrize("mode", ["shine", "warm", "precondition"])
+def test_each_mode_against_its_formula(mode):
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    w = jax.random.normal(k1, (N, N))
+    cell = Cell(0.8 * w / jnp.linalg.norm(w, 2))
+    xs = jax.random.normal(k2, (3, N))
+    readout = jax.random.normal(k3, (N,))
+    correction = fd.FixedPointCorrection(steps=(2,))
+    adjoint = ShineAdjoint(mode, BACKWARD)
+
+    @eqx.filter_jit
+    @eqx.filter_grad(has_aux=True)
+    def grad(cell_and_adjoint):
+        c, a = cell_and_adjoint
+        deq = fd.DEQ(c, solver=SOLVER, adjoint=a, max_steps=60, correction=correction)
+        z, _ = jax.vmap(deq)(xs)
+        return jnp.sum(z * readout), z
+
+    (g_cell, g_adjoint), z = grad((cell, adjoint))
+    stats = fd.backward_stats(g_adjoint)
+    assert stats is not None and float(stats.failed) == 0
+    assert (float(stats.num_steps) == 0) == (mode == "shine")
+    expected = jnp.zeros((N, N))
+    for i in range(3):
+        jac = jax.jacfwd(lambda zz: cell(zz, xs[i]))(z[i])
+        if mode == "shine":  # the same forward solve, for Broyden's final factors
+            sol = optx.fixed_point(
+                lambda zz, x: cell(zz, x),
+                correction.recording(SOLVER),
+                jnp.zeros(N),
+                xs[i],
+                max_steps=60,
+            )
+            np.testing.assert_allclose(sol.value, z[i], rtol=1e-5, atol=1e-6)
+            state = sol.state.inner
+            valid = (jnp.arange(state.u.shape[0]) < state.count)[:, None]
+            h = -SOLVER.beta * jnp.eye(N) + jnp.where(valid, state.u, 0).T @ state.v
+            wvec = -h.T @ readout
+        else:
+            wvec = jnp.linalg.solve(jnp.eye(N) - jac.T, readout)
+        _, vjp = jax.vjp(lambda c: c(z[i], xs[i]), cell)
+        expected = expected + vjp(wvec)[0].weight
+    np.testing.assert_allclose(g_cell.weight, expected, rtol=2e-3, atol=1e-5)
+
+
+def test_shine_needs_a_broyden_forward_solve():
+    deq = fd.DEQ(Cell(jnp.zeros((N, N))), adjoint=ShineAdjoint())
+    with pytest.raises(ValueError, match="Broyden"):
+        jax.grad(lambda x: jnp.sum(deq(x)[0]))(jnp.ones(N))
+    with pytest.raises(ValueError, match="`mode`"):
+        ShineAdjoint("exact")
