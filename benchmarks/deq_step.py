@@ -206,14 +206,26 @@ def rows(with_torchdeq: bool) -> list[Row]:
         return make(*args) if with_torchdeq else None
 
     return [
-        Row("phantom backward, 5 steps", ours_train_step("phantom"),
-            peer(torchdeq_train_step, "phantom")),
-        Row("implicit, 5-step Neumann backward", ours_train_step("implicit", "neumann"),
-            peer(torchdeq_train_step, "ift")),
-        Row("implicit, 5-step `linear.Anderson` backward",
-            ours_train_step("implicit", "anderson"), None),
-        Row("forward solve alone (projection + 10 Anderson steps)", ours_forward(),
-            peer(torchdeq_forward)),
+        Row(
+            "phantom backward, 5 steps",
+            ours_train_step("phantom"),
+            peer(torchdeq_train_step, "phantom"),
+        ),
+        Row(
+            "implicit, 5-step Neumann backward",
+            ours_train_step("implicit", "neumann"),
+            peer(torchdeq_train_step, "ift"),
+        ),
+        Row(
+            "implicit, 5-step `linear.Anderson` backward",
+            ours_train_step("implicit", "anderson"),
+            None,
+        ),
+        Row(
+            "forward solve alone (projection + 10 Anderson steps)",
+            ours_forward(),
+            peer(torchdeq_forward),
+        ),
     ]
 
 
@@ -237,8 +249,13 @@ def measure(table: list[Row], steps: int, warmup: int = 3) -> list[tuple[str, fl
     out = []
     for row in table:
         ours, peer = times[row.name]
-        out.append((row.name, 1e3 * float(np.median(ours)),
-                    1e3 * float(np.median(peer)) if peer else float("nan")))
+        out.append(
+            (
+                row.name,
+                1e3 * float(np.median(ours)),
+                1e3 * float(np.median(peer)) if peer else float("nan"),
+            )
+        )
     return out
 
 

@@ -147,9 +147,7 @@ class AndersonLinearSolver(AbstractFixedPointLinearSolver):
     root_finder: _AndersonRoot
     max_steps: int = eqx.field(converter=as_int)
 
-    def __init__(
-        self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any
-    ):
+    def __init__(self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any):
         """**Arguments:** `rtol`, `atol` and every other keyword (`norm`, `m`, `beta`,
         `regularisation`, `safeguard_factor`, `divergence_factor`,
         `divergence_patience`) as for
@@ -168,9 +166,7 @@ class BroydenLinearSolver(AbstractFixedPointLinearSolver):
     root_finder: _BroydenRoot
     max_steps: int = eqx.field(converter=as_int)
 
-    def __init__(
-        self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any
-    ):
+    def __init__(self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any):
         """**Arguments:** `rtol`, `atol` and every other keyword (`norm`, `memory`,
         `beta`, `line_search`, `max_backtracks`, `divergence_factor`,
         `divergence_patience`) as for
@@ -190,9 +186,7 @@ class NeumannLinearSolver(AbstractFixedPointLinearSolver):
     root_finder: _NeumannRoot
     max_steps: int = eqx.field(converter=as_int)
 
-    def __init__(
-        self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any
-    ):
+    def __init__(self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any):
         """**Arguments:** `rtol`, `atol` and every other keyword (`norm`, `beta`,
         `divergence_factor`, `divergence_patience`) as for [`fixedpoint.Neumann`][];
         `max_steps` (>= 1) the most matrix-vector products. With `rtol = atol = 0` exactly `max_steps` terms of the

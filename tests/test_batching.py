@@ -43,7 +43,13 @@ def _fn(z, p):
 # One sample each: fast, medium, slow (max steps at 30 for Neumann), divergent,
 # non-finite. (A NumPy array: JAX arrays are made inside the x64 fixture.)
 PARAMS = np.array(
-    [[0.1] + [1.0] * N, [0.7] + [0.5] * N, [0.97] + [-1.0] * N, [1.5] + [1.0] * N, [-1.0] + [1.0] * N],
+    [
+        [0.1] + [1.0] * N,
+        [0.7] + [0.5] * N,
+        [0.97] + [-1.0] * N,
+        [1.5] + [1.0] * N,
+        [-1.0] + [1.0] * N,
+    ],
     np.float64,
 )
 # Batched and per-sample runs may round differently (batched products); the steps,
@@ -186,11 +192,7 @@ def test_history_is_not_selected_per_step():
     m, batch = 7, 3
     solver = fp.Anderson(m=m, rtol=1e-10, atol=1e-10)
     adjoint = fp.ImplicitAdjoint(throw=False)
-    hlo = (
-        jax.jit(jax.vmap(lambda p: _solve(solver, adjoint, p)[0]))
-        .lower(PARAMS[:batch])
-        .as_text()
-    )
+    hlo = jax.jit(jax.vmap(lambda p: _solve(solver, adjoint, p)[0])).lower(PARAMS[:batch]).as_text()
     history = f"tensor<{batch}x{m}x{N}xf64>"
     selects = [line for line in hlo.splitlines() if "stablehlo.select" in line]
     assert selects  # the check below looks at real select ops

@@ -85,7 +85,9 @@ def test_half_precision_linear_solvers(name, dtype):
     m, b = _contraction("float64", seed=1)
     a = m - np.eye(N)
     operator = lx.MatrixLinearOperator(jnp.asarray(a, dtype))
-    sol = lx.linear_solve(operator, jnp.asarray(b, dtype), LINEAR[name](rtol=tol, atol=tol), throw=False)
+    sol = lx.linear_solve(
+        operator, jnp.asarray(b, dtype), LINEAR[name](rtol=tol, atol=tol), throw=False
+    )
     assert sol.result == lx.RESULTS.successful
     assert sol.value.dtype == dtype
     exact = np.linalg.solve(a, b)
@@ -122,8 +124,12 @@ def test_complex_rotation(name):
     exact = (1 + 1j) / (1 - 0.9 * np.asarray(phases))
     solver = SOLVERS[name](rtol=1e-5, atol=1e-6)
     sol = optx.fixed_point(
-        lambda z, c: 0.9 * c * z + (1 + 1j), solver, jnp.zeros(4, jnp.complex64), phases,
-        max_steps=500, throw=False,
+        lambda z, c: 0.9 * c * z + (1 + 1j),
+        solver,
+        jnp.zeros(4, jnp.complex64),
+        phases,
+        max_steps=500,
+        throw=False,
     )
     assert sol.result == optx.RESULTS.successful
     _check_dtypes(sol, jnp.complex64)
@@ -139,7 +145,9 @@ def test_complex_nonlinear(name, enable_x64):
     m, b = _contraction("complex128", seed=3)
     args = (jnp.asarray(m), jnp.asarray(b))
     solver = SOLVERS[name](rtol=1e-10, atol=1e-12)
-    sol = optx.fixed_point(_tanh, solver, jnp.zeros(N, jnp.complex128), args, max_steps=500, throw=False)
+    sol = optx.fixed_point(
+        _tanh, solver, jnp.zeros(N, jnp.complex128), args, max_steps=500, throw=False
+    )
     assert sol.result == optx.RESULTS.successful
     _check_dtypes(sol, jnp.complex128)
     z = np.asarray(sol.value)

@@ -226,9 +226,7 @@ def test_max_steps_reports_last_evaluated_residual(name):
 def test_zero_tolerance_runs_all_steps(name):
     """rtol = atol = 0: never 'converged', even on the exact fixed point; exactly
     max_steps steps, and the solver sits on the fixed point (no NaN from 0/0)."""
-    sol = solve(
-        eqx.tree_at(lambda s: (s.rtol, s.atol), SOLVERS[name], (0.0, 0.0)), CONTRACT
-    )
+    sol = solve(eqx.tree_at(lambda s: (s.rtol, s.atol), SOLVERS[name], (0.0, 0.0)), CONTRACT)
     assert result_is(sol, optx.RESULTS.nonlinear_max_steps_reached), sol.result
     assert int(sol.stats["num_steps"]) == 60
     np.testing.assert_allclose(sol.value, [2.0, 2.0], rtol=1e-6)
@@ -411,4 +409,6 @@ def test_anderson_gram_stays_the_gram_of_its_history(steps):
     if steps == 30:
         assert int(sol.state.num_restarts) >= 1  # the restart path was exercised
     dr = np.asarray(sol.state.dr, np.float64)
-    np.testing.assert_allclose(sol.state.gram, dr @ dr.T, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(dr).max() ** 2))
+    np.testing.assert_allclose(
+        sol.state.gram, dr @ dr.T, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(dr).max() ** 2)
+    )

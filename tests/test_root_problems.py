@@ -44,9 +44,7 @@ def _f3(x, args):
 
 def _f4_powell(x, args):
     a = 1e4
-    return jnp.stack(
-        [a * x[0] * x[1] - 1, jnp.exp(-x[0]) + jnp.exp(-x[1]) - (1 + 1 / a)]
-    )
+    return jnp.stack([a * x[0] * x[1] - 1, jnp.exp(-x[0]) + jnp.exp(-x[1]) - (1 + 1 / a)])
 
 
 def _f5(x, args):

@@ -263,18 +263,12 @@ def select_output(
     - non-finite values or divergence: the best point evaluated, never the iterate that
       blew up.
     """
-    broken = (result == optx.RESULTS.nonfinite) | (
-        result == optx.RESULTS.nonlinear_divergence
-    )
+    broken = (result == optx.RESULTS.nonfinite) | (result == optx.RESULTS.nonlinear_divergence)
     # `y_best` starts as y0, so a function that is non-finite from the first
     # evaluation returns y0 (with the non-finite residual reported).
     y_out = tree_where(broken, unravel_like(progress.y_best, y), y)
     finite_best = broken & jnp.isfinite(progress.best_norm)
-    stats = {
-        "residual_norm": jnp.where(
-            finite_best, progress.best_norm, progress.residual_norm
-        )
-    }
+    stats = {"residual_norm": jnp.where(finite_best, progress.best_norm, progress.residual_norm)}
     if trace_length > 0:
         stats["residual_trace"] = progress.trace
     return y_out, stats

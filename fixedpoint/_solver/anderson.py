@@ -239,9 +239,14 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         # at least float32.
         gram_i = dot(dr, dr[i], acc)
         gram = (
-            state.gram.at[slot].set(jnp.conj(gram_i), mode="drop").at[:, slot].set(gram_i, mode="drop")
+            state.gram.at[slot]
+            .set(jnp.conj(gram_i), mode="drop")
+            .at[:, slot]
+            .set(gram_i, mode="drop")
         )
-        count = jnp.where(reject, 0, jnp.where(push, jnp.minimum(state.count + 1, self.m), state.count))
+        count = jnp.where(
+            reject, 0, jnp.where(push, jnp.minimum(state.count + 1, self.m), state.count)
+        )
         index = jnp.where(reject, 0, jnp.where(push, (state.index + 1) % self.m, state.index))
 
         # The initial inverse-Jacobian estimate h0 I (h0 = -beta: the Picard step

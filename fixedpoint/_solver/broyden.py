@@ -321,12 +321,8 @@ class Broyden(AbstractFixedPointRootFinder[Y, Out, Aux, _BroydenState]):
         one = jnp.ones_like(state.t)
 
         move = ~state.has_prev | accept | on_trial  # the new point becomes the base
-        base_y = jnp.where(
-            move, y_k, jnp.where(give_up, state.y_anchor, state.y_prev)
-        )
-        base_g = jnp.where(
-            move, r_k, jnp.where(give_up, state.r_anchor, state.r_prev)
-        )
+        base_y = jnp.where(move, y_k, jnp.where(give_up, state.y_anchor, state.y_prev))
+        base_g = jnp.where(move, r_k, jnp.where(give_up, state.r_anchor, state.r_prev))
         direction = jnp.where(
             move,
             p_k,
@@ -367,10 +363,13 @@ class Broyden(AbstractFixedPointRootFinder[Y, Out, Aux, _BroydenState]):
             num_accepted=state.num_accepted + accept.astype(state.num_accepted.dtype),
             recent=jnp.where(
                 accept | ~state.has_prev,
-                state.recent.at[(state.num_accepted + accept.astype(state.num_accepted.dtype)) % _WINDOW].set(norm_k.astype(real)),
+                state.recent.at[
+                    (state.num_accepted + accept.astype(state.num_accepted.dtype)) % _WINDOW
+                ].set(norm_k.astype(real)),
                 state.recent,
             ),
-            num_backtracks=state.num_backtracks + (backtrack | give_up).astype(state.num_backtracks.dtype),
+            num_backtracks=state.num_backtracks
+            + (backtrack | give_up).astype(state.num_backtracks.dtype),
             num_restarts=state.num_restarts + restart.astype(state.num_restarts.dtype),
             progress=progress,
         )
