@@ -118,9 +118,9 @@ def torchdeq_available() -> bool:
 
 
 def _torch_model(grad: str):
-    import torch
-    import torch.nn as nn
-    from torchdeq import get_deq
+    import torch  # pyright: ignore[reportMissingImports]
+    import torch.nn as nn  # pyright: ignore[reportMissingImports]
+    from torchdeq import get_deq  # pyright: ignore[reportMissingImports]
 
     class Model(nn.Module):
         def __init__(self):
@@ -159,7 +159,7 @@ def _torch_model(grad: str):
 
 
 def torchdeq_train_step(grad: str) -> Callable[[], None]:
-    import torch
+    import torch  # pyright: ignore[reportMissingImports]
 
     model = _torch_model(grad)
     model.train()
@@ -178,7 +178,7 @@ def torchdeq_train_step(grad: str) -> Callable[[], None]:
 
 
 def torchdeq_forward() -> Callable[[], None]:
-    import torch
+    import torch  # pyright: ignore[reportMissingImports]
 
     model = _torch_model("phantom")
     model.eval()
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps and --threads must be >= 1")
     with_torchdeq = torchdeq_available() and not args.no_torchdeq
     if with_torchdeq:
-        import torch
+        import torch  # pyright: ignore[reportMissingImports]
 
         torch.set_num_threads(args.threads)
     elif not args.no_torchdeq:

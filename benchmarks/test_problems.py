@@ -38,7 +38,7 @@ def test_same_function_in_every_namespace(spec):
     out = np.asarray(problem.residual(jnp.asarray(z), problem.params_in(jnp), jnp))
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
     if importlib.util.find_spec("torch") is not None:
-        import torch
+        import torch  # pyright: ignore[reportMissingImports]
 
         out = problem.residual(torch.from_numpy(z), problem.params_in(torch), torch).numpy()
         np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
