@@ -54,6 +54,8 @@ import optimistix as optx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
+from fixedpoint._solver import AbstractFixedPointRootFinder
+from fixedpoint._solver._common import is_done
 from fixedpoint._validate import as_int, check_int, check_real
 
 
@@ -103,9 +105,14 @@ class _Recording(optx.AbstractRootFinder):
         )
 
     def step(self, fn, y, args, options, state, tags):
+        # A finished solve of this package's solvers may still be stepped (a batch runs
+        # in one loop until every sample has finished; such a step changes nothing):
+        # then nothing is counted or recorded either.
+        progress = getattr(state.inner, "progress", None)
+        done = jnp.array(False) if progress is None else is_done(progress)
         new_y, inner, aux = self.solver.step(fn, y, args, options, state.inner, tags)
-        count = state.count + 1
-        hit = jnp.asarray(self.steps) == count
+        count = state.count + jnp.where(done, 0, 1).astype(state.count.dtype)
+        hit = (jnp.asarray(self.steps) == count) & ~done
         flat = ravel_pytree(new_y)[0].astype(state.states.dtype)
         states = jnp.where(hit[:, None], flat[None, :], state.states)
         new_state = _RecordingState(
@@ -123,6 +130,24 @@ class _Recording(optx.AbstractRootFinder):
         final = ravel_pytree(y_out)[0].astype(state.states.dtype)
         states = jnp.where(state.recorded[:, None], state.states, final[None, :])
         return y_out, aux, dict(stats, correction_states=states)
+
+
+class _RecordingOurs(_Recording, AbstractFixedPointRootFinder):
+    """`_Recording` of one of this package's root finders: itself one (the required
+    settings are the wrapped solver's), so that a batch of solves runs in the one loop
+    of `fixedpoint._iterate` (see `_Recording.step` for the contract it keeps)."""
+
+    @property
+    def divergence_factor(self):  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.solver.divergence_factor  # pyright: ignore[reportAttributeAccessIssue]
+
+    @property
+    def trace_length(self):  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.solver.trace_length  # pyright: ignore[reportAttributeAccessIssue]
+
+    # The wrapper's own (delegating) methods, not the base class's.
+    terminate = _Recording.terminate
+    postprocess = _Recording.postprocess
 
 
 class FixedPointCorrection(eqx.Module):
@@ -158,6 +183,8 @@ class FixedPointCorrection(eqx.Module):
         """`solver` wrapped so that the solve records the chosen iterates."""
         steps = tuple(int(s) for s in self.steps)
         # (rtol, atol and norm are properties read from `solver`.)
+        if isinstance(solver, AbstractFixedPointRootFinder):
+            return _RecordingOurs(solver, steps)  # pyright: ignore[reportCallIssue]
         return _Recording(solver, steps)  # pyright: ignore[reportCallIssue]
 
     def states(

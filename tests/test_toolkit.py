@@ -479,6 +479,17 @@ def test_correction_states_and_gradient_match_unrolled_differentiation():
     assert int(record.num_steps) < 50
     assert record.states is not None
     np.testing.assert_allclose(record.states, jnp.stack([z, z]), atol=1e-5)
+    # A batch whose samples stop at different steps (one loop for the whole batch):
+    # each sample's states are those of its own solve.
+    xs = jnp.stack([3.0 * x[0], 0.01 * x[1]])  # tanh saturates: the first is faster
+    n_fast, n_slow = (int(early(xi)[1].num_steps) for xi in xs)
+    steps = (n_fast - 1, n_fast + 1)
+    assert steps[1] < n_slow
+    d = eqx.tree_at(lambda d: d.correction, early, fd.FixedPointCorrection(steps=steps))
+    _, batched = jax.vmap(d)(xs)
+    for i in range(2):
+        _, alone = d(xs[i])
+        np.testing.assert_allclose(batched.states[i], alone.states, rtol=1e-5, atol=1e-6)
 
 
 def test_correction_refuses_steps_outside_the_budget():
