@@ -102,7 +102,14 @@ def secant_scale(s: Array, d: Array, acc: jnp.dtype, small: float) -> tuple[Arra
     Returns ``(scale, valid, cosine, d_s, s_s, d_d)``: `valid` is false when `d`
     vanishes, `s` and `d` are orthogonal to within `small`, or anything is non-finite;
     ``cosine = Re(d^* s) / (|s| |d|)``; and the scalar products ``d^* s``, ``|s|^2``,
-    ``|d|^2`` themselves, for the callers' other uses."""
+    ``|d|^2`` themselves, for the callers' other uses.
+
+    A step-size heuristic, not part of the iteration's mathematics: it is not
+    differentiated (the square roots and absolute values have no derivative at the
+    zero pairs of a first step or a restart, which would put NaN into the gradient of
+    a solve differentiated through its iterations)."""
+    s = jax.lax.stop_gradient(s)
+    d = jax.lax.stop_gradient(d)
     d_s = dot(d, s, acc)
     s_s = jnp.real(dot(s, s, acc))
     d_d = jnp.real(dot(d, d, acc))
