@@ -66,7 +66,9 @@ def pytest_generate_tests(metafunc):
         for spec in specs:
             for adapter in default_solvers + extra_solvers:
                 marks = [pytest.mark.slow] if slow or adapter.name not in default_names else []
-                params.append(pytest.param((spec, adapter), id=f"{spec.name}|{adapter.name}", marks=marks))
+                params.append(
+                    pytest.param((spec, adapter), id=f"{spec.name}|{adapter.name}", marks=marks)
+                )
     metafunc.parametrize("case", params)
 
 

@@ -118,9 +118,9 @@ def torchdeq_available() -> bool:
 
 
 def _torch_model(grad: str):
-    import torch
-    import torch.nn as nn
-    from torchdeq import get_deq
+    import torch  # pyright: ignore[reportMissingImports]
+    import torch.nn as nn  # pyright: ignore[reportMissingImports]
+    from torchdeq import get_deq  # pyright: ignore[reportMissingImports]
 
     class Model(nn.Module):
         def __init__(self):
@@ -159,7 +159,7 @@ def _torch_model(grad: str):
 
 
 def torchdeq_train_step(grad: str) -> Callable[[], None]:
-    import torch
+    import torch  # pyright: ignore[reportMissingImports]
 
     model = _torch_model(grad)
     model.train()
@@ -178,7 +178,7 @@ def torchdeq_train_step(grad: str) -> Callable[[], None]:
 
 
 def torchdeq_forward() -> Callable[[], None]:
-    import torch
+    import torch  # pyright: ignore[reportMissingImports]
 
     model = _torch_model("phantom")
     model.eval()
@@ -206,14 +206,26 @@ def rows(with_torchdeq: bool) -> list[Row]:
         return make(*args) if with_torchdeq else None
 
     return [
-        Row("phantom backward, 5 steps", ours_train_step("phantom"),
-            peer(torchdeq_train_step, "phantom")),
-        Row("implicit, 5-step Neumann backward", ours_train_step("implicit", "neumann"),
-            peer(torchdeq_train_step, "ift")),
-        Row("implicit, 5-step `linear.Anderson` backward",
-            ours_train_step("implicit", "anderson"), None),
-        Row("forward solve alone (projection + 10 Anderson steps)", ours_forward(),
-            peer(torchdeq_forward)),
+        Row(
+            "phantom backward, 5 steps",
+            ours_train_step("phantom"),
+            peer(torchdeq_train_step, "phantom"),
+        ),
+        Row(
+            "implicit, 5-step Neumann backward",
+            ours_train_step("implicit", "neumann"),
+            peer(torchdeq_train_step, "ift"),
+        ),
+        Row(
+            "implicit, 5-step `linear.Anderson` backward",
+            ours_train_step("implicit", "anderson"),
+            None,
+        ),
+        Row(
+            "forward solve alone (projection + 10 Anderson steps)",
+            ours_forward(),
+            peer(torchdeq_forward),
+        ),
     ]
 
 
@@ -237,8 +249,13 @@ def measure(table: list[Row], steps: int, warmup: int = 3) -> list[tuple[str, fl
     out = []
     for row in table:
         ours, peer = times[row.name]
-        out.append((row.name, 1e3 * float(np.median(ours)),
-                    1e3 * float(np.median(peer)) if peer else float("nan")))
+        out.append(
+            (
+                row.name,
+                1e3 * float(np.median(ours)),
+                1e3 * float(np.median(peer)) if peer else float("nan"),
+            )
+        )
     return out
 
 
@@ -265,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps and --threads must be >= 1")
     with_torchdeq = torchdeq_available() and not args.no_torchdeq
     if with_torchdeq:
-        import torch
+        import torch  # pyright: ignore[reportMissingImports]
 
         torch.set_num_threads(args.threads)
     elif not args.no_torchdeq:

@@ -129,9 +129,9 @@ def overhead(n=10000, steps=20):
         ("Broyden(memory=30)", fp.Broyden(rtol=0.0, atol=0.0)),
     ]:
         runs[name] = jax.jit(
-            lambda wx, solver=solver: optx.fixed_point(
-                _cell, solver, z0, wx, max_steps=steps, throw=False
-            ).value
+            lambda wx, solver=solver: (
+                optx.fixed_point(_cell, solver, z0, wx, max_steps=steps, throw=False).value
+            )
         )
     # Interleave the runs (3 rounds) so that machine noise hits all alike.
     best = {name: np.inf for name in runs}
@@ -149,12 +149,16 @@ def gradient_cost(n=1000, tol=1e-5):
     wx = _tanh_problem(n, 0.95, True, jnp.float32)
     z0 = jnp.zeros(n)
     solver = fp.Anderson(m=5, rtol=tol, atol=tol)
-    fns = {"forward": jax.jit(lambda wx: optx.fixed_point(_cell, solver, z0, wx, max_steps=500).value)}
+    fns = {
+        "forward": jax.jit(lambda wx: optx.fixed_point(_cell, solver, z0, wx, max_steps=500).value)
+    }
     adjoints = {
         "linear.Anderson": fp.ImplicitAdjoint(fp.linear.Anderson(m=5, rtol=tol, atol=tol)),
         "linear.Broyden": fp.ImplicitAdjoint(fp.linear.Broyden(rtol=tol, atol=tol)),
         "linear.Neumann": fp.ImplicitAdjoint(fp.linear.Neumann(rtol=tol, atol=tol)),
-        "dense LU (lx.AutoLinearSolver)": optx.ImplicitAdjoint(lx.AutoLinearSolver(well_posed=True)),
+        "dense LU (lx.AutoLinearSolver)": optx.ImplicitAdjoint(
+            lx.AutoLinearSolver(well_posed=True)
+        ),
     }
     for name, adjoint in adjoints.items():
         fns[name] = jax.jit(
@@ -205,11 +209,16 @@ def memory(n=256):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.parse_args(argv)
     print("## f evaluations to rtol 1e-8, tanh cell n = 1000, ||W|| = 0.95, float64\n")
     for label, counts in evaluations():
-        print(f"- {label}: " + ", ".join(f"{k} {v[0]}{'' if v[1] else ' (FAILED)'}" for k, v in counts.items()))
+        print(
+            f"- {label}: "
+            + ", ".join(f"{k} {v[0]}{'' if v[1] else ' (FAILED)'}" for k, v in counts.items())
+        )
         base = counts["Neumann"][0]
         print(
             f"  ratio to Neumann: Anderson {counts['Anderson(m=5)'][0] / base:.2f}, "

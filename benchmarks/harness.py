@@ -205,7 +205,9 @@ class Result:
         return d
 
 
-def time_best(fn: Callable[[], Any], min_time: float = 0.05, max_reps: int = 100, min_reps: int = 3) -> float:
+def time_best(
+    fn: Callable[[], Any], min_time: float = 0.05, max_reps: int = 100, min_reps: int = 3
+) -> float:
     """Best wall time of `fn()` over repeated runs: as many as fit in `min_time`
     seconds, at least `min_reps` (one if a single run takes over a second), at most
     `max_reps`. Fast JAX solves get many repetitions, which makes the best time robust

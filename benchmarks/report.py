@@ -52,30 +52,47 @@ def _number(kind, low, high=math.inf, *, low_open=False, high_open=False, what="
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=(__doc__ or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report", description=(__doc__ or "").split("\n\n")[0]
+    )
     grid = parser.add_mutually_exclusive_group()
-    grid.add_argument("--full", action="store_true", help="run the full grid (problems and solver settings)")
-    grid.add_argument("--smoke", action="store_true", help="run the tiny smoke grid (a quick check of the set-up)")
+    grid.add_argument(
+        "--full", action="store_true", help="run the full grid (problems and solver settings)"
+    )
+    grid.add_argument(
+        "--smoke", action="store_true", help="run the tiny smoke grid (a quick check of the set-up)"
+    )
     parser.add_argument("--out", default="reports", help="output directory (default: reports/)")
-    parser.add_argument("--problems", default="*", help="glob on problem names (default: all of the grid)")
-    parser.add_argument("--solvers", default="*", help="glob on solver names (default: all of the grid)")
     parser.add_argument(
-        "--tol", type=_number(float, 0.0, 1.0, low_open=True, high_open=True, what="a number in (0, 1)"),
-        default=None, help="common tolerance, a number in (0, 1) (default: harness.TOL)",
+        "--problems", default="*", help="glob on problem names (default: all of the grid)"
     )
     parser.add_argument(
-        "--budget", type=_number(int, 1, what="an integer >= 1"), default=None,
+        "--solvers", default="*", help="glob on solver names (default: all of the grid)"
+    )
+    parser.add_argument(
+        "--tol",
+        type=_number(float, 0.0, 1.0, low_open=True, high_open=True, what="a number in (0, 1)"),
+        default=None,
+        help="common tolerance, a number in (0, 1) (default: harness.TOL)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=_number(int, 1, what="an integer >= 1"),
+        default=None,
         help="f-evaluation budget, >= 1 (default: harness.BUDGET)",
     )
     parser.add_argument(
-        "--threads", type=_number(int, 0, what="an integer >= 0"), default=1,
+        "--threads",
+        type=_number(int, 0, what="an integer >= 0"),
+        default=1,
         help="BLAS/OpenMP threads of NumPy/SciPy/torch (default 1, see harness.pin_threads; 0 leaves them alone)",
     )
     parser.add_argument(
-        "--mnist-checkpoint", metavar="DIR",
+        "--mnist-checkpoint",
+        metavar="DIR",
         help="checkpoint directory of the trained MNIST DEQ (default: $FIXEDPOINT_MNIST_CHECKPOINT, "
-             "else runs/mnist/ckpt, which the README's main command writes); without one the "
-             "mnist-deq-trained problems are listed as not run",
+        "else runs/mnist/ckpt, which the README's main command writes); without one the "
+        "mnist-deq-trained problems are listed as not run",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -106,17 +123,29 @@ def _targets(results, adapters, problems_by_name):
     """Rows of the target table: for each problem, each of our Anderson/Broyden
     settings against the peers of the same method and history (in differences)."""
     by_key = {(r.problem, r.solver): r for r in results}
-    ours = [a for a in adapters if a.library == "fixedpoint" and a.method in ("anderson", "broyden")]
-    ours = [a for a in ours if a.kwargs.get("beta", 1.0) == 1.0 and not a.kwargs.get("line_search", False)]
+    ours = [
+        a for a in adapters if a.library == "fixedpoint" and a.method in ("anderson", "broyden")
+    ]
+    ours = [
+        a
+        for a in ours
+        if a.kwargs.get("beta", 1.0) == 1.0 and not a.kwargs.get("line_search", False)
+    ]
     rows = []
     for pname in problems_by_name:
         for a in ours:
             mine = by_key.get((pname, a.name))
             if mine is None or mine.status == "skipped":
                 continue
-            peer_libs = ("jaxopt", "scipy", "torchdeq") if a.method == "anderson" else ("scipy", "torchdeq")
+            peer_libs = (
+                ("jaxopt", "scipy", "torchdeq") if a.method == "anderson" else ("scipy", "torchdeq")
+            )
             for b in adapters:
-                if b.library not in peer_libs or b.method != a.method or b.differences != a.differences:
+                if (
+                    b.library not in peer_libs
+                    or b.method != a.method
+                    or b.differences != a.differences
+                ):
                     continue
                 if getattr(b, "kwargs", {}):
                     continue  # the targets are against the peers' default settings
@@ -136,11 +165,22 @@ def _target_row(pname, mine, theirs, time_too):
     else:
         evals_ok = them is None or me <= them
     time_ok = None  # time to solution: only defined when both reach tol
-    if time_too and mine.success and theirs.success and mine.wall_s is not None and theirs.wall_s is not None:
+    if (
+        time_too
+        and mine.success
+        and theirs.success
+        and mine.wall_s is not None
+        and theirs.wall_s is not None
+    ):
         time_ok = mine.wall_s <= theirs.wall_s
     return dict(
-        problem=pname, ours=mine.solver, peer=theirs.solver, time_checked=time_too,
-        ours_evals=me, peer_evals=them, evals_ok=evals_ok,
+        problem=pname,
+        ours=mine.solver,
+        peer=theirs.solver,
+        time_checked=time_too,
+        ours_evals=me,
+        peer_evals=them,
+        evals_ok=evals_ok,
         ours_ms=None if mine.wall_s is None else 1e3 * mine.wall_s,
         peer_ms=None if theirs.wall_s is None else 1e3 * theirs.wall_s,
         time_ok=time_ok,
@@ -155,8 +195,12 @@ _NOTHING_CHECKED = (
 
 def _count_checks(targets):
     """``(failed, checked)`` target checks (a check that does not apply is not counted)."""
-    failed = sum(t["evals_ok"] is False for t in targets) + sum(t["time_ok"] is False for t in targets)
-    checked = sum(t["evals_ok"] is not None for t in targets) + sum(t["time_ok"] is not None for t in targets)
+    failed = sum(t["evals_ok"] is False for t in targets) + sum(
+        t["time_ok"] is False for t in targets
+    )
+    checked = sum(t["evals_ok"] is not None for t in targets) + sum(
+        t["time_ok"] is not None for t in targets
+    )
     return failed, checked
 
 
@@ -224,7 +268,9 @@ def _write_markdown(path, results, problems_list, adapters, targets, meta):
     if losses:
         lines += [f"- {x}" for x in losses]
     else:
-        lines.append("- Nowhere: each of our methods needs no more f evaluations and no more time than every peer of the same method and history.")
+        lines.append(
+            "- Nowhere: each of our methods needs no more f evaluations and no more time than every peer of the same method and history."
+        )
     lines.append("")
 
     lines += ["## Results by problem", ""]
@@ -278,7 +324,11 @@ def _losses(results, adapters):
             if mine.library != "fixedpoint" or mine.status != "ok":
                 continue
             for theirs in rs:
-                if theirs.library == "fixedpoint" or theirs.status != "ok" or theirs.method != mine.method:
+                if (
+                    theirs.library == "fixedpoint"
+                    or theirs.status != "ok"
+                    or theirs.method != mine.method
+                ):
                     continue
                 if history.get(theirs.solver) != history.get(mine.solver):
                     continue
@@ -291,7 +341,10 @@ def _losses(results, adapters):
                         f"{theirs.evals_to_tol}."
                     )
                 if (
-                    mine.success and theirs.success and mine.wall_s is not None and theirs.wall_s is not None
+                    mine.success
+                    and theirs.success
+                    and mine.wall_s is not None
+                    and theirs.wall_s is not None
                     and mine.wall_s > theirs.wall_s
                 ):
                     out.append(
@@ -308,7 +361,13 @@ def _plot(path, problem, results, tol):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"fixedpoint": "-", "optimistix": "--", "jaxopt": "-.", "scipy": ":", "torchdeq": (0, (3, 1, 1, 1, 1, 1))}
+    styles = {
+        "fixedpoint": "-",
+        "optimistix": "--",
+        "jaxopt": "-.",
+        "scipy": ":",
+        "torchdeq": (0, (3, 1, 1, 1, 1, 1)),
+    }
     fig, ax = plt.subplots(figsize=(11, 5.5))
     lowest = tol
     for r in results:
@@ -391,7 +450,9 @@ def _run(args, t_start) -> int:
     print("peers: " + "; ".join(f"{k} {v}" for k, v in availability.items()))
 
     results, problems_list = [], []
-    bar = tqdm(total=len(specs) * len(adapters), unit="solve", dynamic_ncols=True, disable=args.quiet)
+    bar = tqdm(
+        total=len(specs) * len(adapters), unit="solve", dynamic_ncols=True, disable=args.quiet
+    )
     unavailable = {}
     for spec in specs:
         bar.set_description(f"building {spec.name}")
@@ -410,7 +471,8 @@ def _run(args, t_start) -> int:
             mine.append(r)
             bar.set_postfix_str(
                 f"evals={_fmt(r.evals_to_tol, '{}')} res={_fmt(r.final_residual, '{:.0e}')}"
-                if r.status == "ok" else r.status
+                if r.status == "ok"
+                else r.status
             )
             bar.update()
         results += mine
@@ -441,7 +503,12 @@ def _run(args, t_start) -> int:
         meta=meta,
         targets=targets,
         results=[
-            dict(r.row(), curve=None if r.curve is None else [None if not math.isfinite(v) else v for v in r.curve.tolist()])
+            dict(
+                r.row(),
+                curve=None
+                if r.curve is None
+                else [None if not math.isfinite(v) else v for v in r.curve.tolist()],
+            )
             for r in results
         ],
     )

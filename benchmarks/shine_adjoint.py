@@ -4,7 +4,7 @@ the benchmarks, measured by `benchmarks.shine` and NOT part of the library: on t
 trained MNIST cell it does not pay (see the README, "SHINE: measured, not kept").
 
 The forward solve of $g(z) = f(z) - z = 0$ ends with a low-rank estimate
-$H = -\beta I + \sum_i u_i v_i^\top \approx J_g(z^*)^{-1}$. The implicit backward pass
+$H = \gamma I + \sum_i u_i v_i^\top \approx J_g(z^*)^{-1}$. The implicit backward pass
 needs $\lambda = J_g^{-\top} \bar z$; $H^\top \bar z$ approximates it at the cost of two
 products with the factors and no evaluation of $f$. Three ways to use it:
 
@@ -99,13 +99,15 @@ class ShineAdjoint(optx.AbstractAdjoint):
         struct = jax.eval_shape(lambda: root)
         flat, unravel = ravel_pytree(cotangent)
         dtype = flat.dtype
-        beta = jnp.asarray(solver.beta, dtype)
+        # H = gamma I + U^T V, gamma the solve's (problem-scaled) initial estimate.
+        gamma = state.gamma.astype(dtype)
+        acc = jnp.promote_types(dtype, jnp.float32)
         u = state.u.astype(dtype)
         v = state.v.astype(dtype)
         valid = jnp.arange(u.shape[0]) < state.count
 
         def h_t(x):  # H^T x on PyTrees
-            return unravel(_apply_t(u, v, valid, beta, ravel_pytree(x)[0].astype(dtype)))
+            return unravel(_apply_t(u, v, valid, gamma, ravel_pytree(x)[0].astype(dtype), acc))
 
         def jg_t(x):  # J_g^T x
             return vjp_root(x)

@@ -30,14 +30,23 @@ KNOWN_FAILURES = {
         "which always holds for a single state, so it returns as soon as the residual "
         "is < 3 tol after 30 steps (and on linear-rho0.99 it breaks down to NaN)"
     ),
-    ("linear-*-rho0.99", "*FixedPointIteration"): "plain iteration needs ~1,833 evaluations > budget",
+    (
+        "linear-*-rho0.99",
+        "*FixedPointIteration",
+    ): "plain iteration needs ~1,833 evaluations > budget",
     ("linear-*-rho0.99", "fp.Neumann*"): "plain iteration needs ~1,833 evaluations > budget",
-    ("linear-*-rho0.99", "torchdeq.fixed_point_iter"): "plain iteration needs ~1,833 evaluations > budget",
+    (
+        "linear-*-rho0.99",
+        "torchdeq.fixed_point_iter",
+    ): "plain iteration needs ~1,833 evaluations > budget",
     ("linear-*-rho0.99", "jaxopt.AndersonAcceleration*"): (
         "jaxopt's ridge (1e-5) is absolute: once the residuals are small it dominates the Gram "
         "matrix and the mixing decays to plain iteration, which needs > budget here"
     ),
-    ("linear-*-rho0.99", "torchdeq.anderson*"): "absolute lam (1e-4), as jaxopt's ridge: decays to plain iteration",
+    (
+        "linear-*-rho0.99",
+        "torchdeq.anderson*",
+    ): "absolute lam (1e-4), as jaxopt's ridge: decays to plain iteration",
     ("linear-*", "jaxopt.Broyden*"): (
         "jaxopt's limited-memory Broyden overwrites its oldest rank-one term (no restart) and does "
         "not guard the 1 / <v, dg> denominator: the iteration blows up to NaN on these problems"
@@ -100,4 +109,6 @@ def test_forward(case, benchmark):
         why = known_failure(problem.name, adapter.name)
         if why:
             pytest.xfail(why)
-    assert residual <= TOL, f"{adapter.name} on {problem.name}: final residual {residual:.3e} > {TOL:g}"
+    assert residual <= TOL, (
+        f"{adapter.name} on {problem.name}: final residual {residual:.3e} > {TOL:g}"
+    )

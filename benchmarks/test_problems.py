@@ -38,7 +38,7 @@ def test_same_function_in_every_namespace(spec):
     out = np.asarray(problem.residual(jnp.asarray(z), problem.params_in(jnp), jnp))
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
     if importlib.util.find_spec("torch") is not None:
-        import torch
+        import torch  # pyright: ignore[reportMissingImports]
 
         out = problem.residual(torch.from_numpy(z), problem.params_in(torch), torch).numpy()
         np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
@@ -119,11 +119,24 @@ def test_report_end_to_end(tmp_path):
 
     # Our Anderson and SciPy's of the same history: one target to check.
     code = report.main(
-        ["--smoke", "--problems", "linear-*", "--solvers", "*nderson(*=5)", "--out", str(tmp_path), "--threads", "0", "--quiet"]
+        [
+            "--smoke",
+            "--problems",
+            "linear-*",
+            "--solvers",
+            "*nderson(*=5)",
+            "--out",
+            str(tmp_path),
+            "--threads",
+            "0",
+            "--quiet",
+        ]
     )
     assert code == 0
     text = (tmp_path / "report.md").read_text()
-    assert "linear-n50-rho0.9" in text and "fp.Anderson(m=5)" in text and "scipy.anderson(M=5)" in text
+    assert (
+        "linear-n50-rho0.9" in text and "fp.Anderson(m=5)" in text and "scipy.anderson(M=5)" in text
+    )
     assert "Target checks failed: **0** of 1." in text
     assert (tmp_path / "plots" / "linear-n50-rho0.9.png").exists()
     assert (tmp_path / "results.json").exists()
@@ -131,8 +144,16 @@ def test_report_end_to_end(tmp_path):
 
 @pytest.mark.parametrize(
     "option, value",
-    [("--tol", "-1"), ("--tol", "nan"), ("--tol", "0"), ("--tol", "1"), ("--tol", "inf"),
-     ("--budget", "0"), ("--budget", "-3"), ("--threads", "-1")],
+    [
+        ("--tol", "-1"),
+        ("--tol", "nan"),
+        ("--tol", "0"),
+        ("--tol", "1"),
+        ("--tol", "inf"),
+        ("--budget", "0"),
+        ("--budget", "-3"),
+        ("--threads", "-1"),
+    ],
 )
 def test_report_refuses_invalid_options(option, value, tmp_path, capsys):
     from . import report
@@ -151,7 +172,19 @@ def test_report_is_no_success_when_nothing_was_checked(tmp_path, capsys):
     from . import report
 
     code = report.main(
-        ["--smoke", "--problems", "linear-*", "--solvers", "fp.Anderson*", "--out", str(tmp_path), "--threads", "0", "--quiet", "--no-plots"]
+        [
+            "--smoke",
+            "--problems",
+            "linear-*",
+            "--solvers",
+            "fp.Anderson*",
+            "--out",
+            str(tmp_path),
+            "--threads",
+            "0",
+            "--quiet",
+            "--no-plots",
+        ]
     )
     assert code == 1
     assert "no target was checked" in capsys.readouterr().err
@@ -213,8 +246,16 @@ def test_mnist_trained_cell_from_a_checkpoint(tmp_path, monkeypatch, compile_cac
         problems.mnist_deq_cell(weights="trained", batch=2, checkpoint=str(missing))
 
     config = tr.Config(
-        data_dir=data_dir, width=4, batch_size=32, epochs=1, train_subset=128, test_subset=64,
-        max_steps=8, warmup_steps=2, eval_batch_size=64, checkpoint_dir=str(tmp_path / "ckpt"),
+        data_dir=data_dir,
+        width=4,
+        batch_size=32,
+        epochs=1,
+        train_subset=128,
+        test_subset=64,
+        max_steps=8,
+        warmup_steps=2,
+        eval_batch_size=64,
+        checkpoint_dir=str(tmp_path / "ckpt"),
     )
     with __import__("jax").enable_x64(False):
         result = tr.train(config, progress=False)
@@ -242,8 +283,19 @@ def test_report_lists_unavailable_problems(tmp_path, monkeypatch):
     with pytest.raises(problems.Unavailable, match="nothing-here"):
         spec.make()
     code = report.main(
-        ["--smoke", "--problems", "mnist-deq-trained*", "--out", str(tmp_path / "out"),
-         "--mnist-checkpoint", str(tmp_path / "nothing-here"), "--threads", "0", "--quiet", "--no-plots"]
+        [
+            "--smoke",
+            "--problems",
+            "mnist-deq-trained*",
+            "--out",
+            str(tmp_path / "out"),
+            "--mnist-checkpoint",
+            str(tmp_path / "nothing-here"),
+            "--threads",
+            "0",
+            "--quiet",
+            "--no-plots",
+        ]
     )
     assert code == 1  # nothing was run, so nothing was checked
     text = (tmp_path / "out" / "report.md").read_text()
@@ -259,12 +311,16 @@ def test_scipy_per_state_solves_each_state_on_its_own():
     joint = harness.evaluate(problem, adapters["scipy.anderson(M=5)"], timing=False)
     per_state = harness.evaluate(problem, adapters["scipy.anderson(M=5,per_state)"], timing=False)
     assert joint.success and per_state.success
-    prepared = adapters["scipy.anderson(M=5,per_state)"].prepare(problem, tol=harness.TOL, budget=harness.BUDGET)
+    prepared = adapters["scipy.anderson(M=5,per_state)"].prepare(
+        problem, tol=harness.TOL, budget=harness.BUDGET
+    )
     trace = prepared.trace()
     assert trace.rows.shape[1] == problem.batch_size
     lengths = [int(np.isfinite(trace.rows[:, b]).sum()) for b in range(problem.batch_size)]
     assert max(lengths) == trace.evals_used == per_state.evals_used
     assert len(set(lengths)) > 1  # the states stop at different counts
     for b, k in enumerate(lengths):  # each state stops at its first point below tol
-        assert trace.rows[k - 1, b] <= harness.TOL < np.nanmin(trace.rows[: k - 1, b], initial=np.inf)
+        assert (
+            trace.rows[k - 1, b] <= harness.TOL < np.nanmin(trace.rows[: k - 1, b], initial=np.inf)
+        )
     assert adapters["scipy.anderson(M=5,per_state)"].inapplicable(problems.specs("smoke")[0].make())

@@ -145,9 +145,7 @@ def _is_none(x):
 
 
 @_solve.def_bwd
-def _solve_bwd(
-    root, grad_obj, perturbed, stats_and_inputs, *, primal_fn, rewrite_fn, adjoint
-):
+def _solve_bwd(root, grad_obj, perturbed, stats_and_inputs, *, primal_fn, rewrite_fn, adjoint):
     del perturbed, primal_fn
     stats, inputs = stats_and_inputs
     root_cotangent, _ = grad_obj
@@ -172,9 +170,7 @@ def _solve_bwd(
     def vjp_root(u):
         return vjp_g(u)[0]
 
-    w, (num_steps, residual_norm, failed) = adjoint._backward(
-        vjp_root, root, root_cotangent
-    )
+    w, (num_steps, residual_norm, failed) = adjoint._backward(vjp_root, root, root_cotangent)
     diff_cotangent = vjp_g(w)[1]
     return _stats_like(stats, num_steps, residual_norm, failed), diff_cotangent
 

@@ -74,9 +74,7 @@ def _batched_iterate(dynamic: tuple, static: tuple, in_axes: Any, axis_size: int
         def per_sample(d, *xs):
             return f(eqx.combine(d, static), *xs)
 
-        return jax.vmap(
-            per_sample, in_axes=(in_axes,) + (0,) * num_batched, axis_size=axis_size
-        )
+        return jax.vmap(per_sample, in_axes=(in_axes,) + (0,) * num_batched, axis_size=axis_size)
 
     def initial_y(inputs):
         return inputs[2]

@@ -19,9 +19,12 @@ never materialise the matrix, and work on PyTree operators. Use them as
 [`fixedpoint.ImplicitAdjoint`][] or `lx.linear_solve(operator, vector, solver)`.
 
 `lx.linear_solve(...).stats` holds `num_steps` (= matrix-vector products) and
-`residual_norm` (`norm(A u - b)` at the returned `u`). Failure codes: out of steps ->
-`lx.RESULTS.max_steps_reached`; divergence or non-finite values ->
-`lx.RESULTS.breakdown` (the iteration does not contract for this operator).
+`residual_norm` (`norm(A u - b)` at the returned `u`; real, also for complex
+operators). Failure codes: out of steps -> `lx.RESULTS.max_steps_reached`; an operator
+or right-hand side holding NaN or inf (the first residual $A u_0 - b$ is not finite) ->
+`lx.RESULTS.nonfinite_input`; divergence, or values that become non-finite later ->
+`lx.RESULTS.breakdown` (the iteration does not converge for this operator).
+float16, bfloat16 and complex operators are supported.
 
 With `rtol = atol = 0` a solver runs exactly `max_steps` steps from `u_0 = 0` (set
 `throw=False` in `lx.linear_solve`): `Neumann(rtol=0, atol=0, max_steps=k)` returns the
@@ -54,14 +57,18 @@ def _residual(u, operator_and_vector):
     return (operator.mv(u) ** ω - vector**ω).ω
 
 
-def _to_lineax_result(result: optx.RESULTS) -> lx.RESULTS:
+def _to_lineax_result(result: optx.RESULTS, num_steps) -> lx.RESULTS:
+    # Non-finite at the first evaluation, A u_0 - b with a finite u_0 (0 by default):
+    # the operator or the right-hand side holds NaN or inf (0 * NaN is NaN), not a
+    # failure of the iteration.
+    bad_input = (result == optx.RESULTS.nonfinite) & (num_steps <= 1)
     return lx.RESULTS.where(
         result == optx.RESULTS.successful,
         lx.RESULTS.successful,
         lx.RESULTS.where(
             result == optx.RESULTS.nonlinear_max_steps_reached,
             lx.RESULTS.max_steps_reached,
-            lx.RESULTS.breakdown,
+            lx.RESULTS.where(bad_input, lx.RESULTS.nonfinite_input, lx.RESULTS.breakdown),
         ),
     )
 
@@ -119,7 +126,7 @@ class AbstractFixedPointLinearSolver(lx.AbstractLinearSolver):
             "max_steps": self.max_steps,
             "residual_norm": sol.stats["residual_norm"],
         }
-        return sol.value, _to_lineax_result(sol.result), stats
+        return sol.value, _to_lineax_result(sol.result, sol.stats["num_steps"]), stats
 
     def transpose(self, state, options: dict[str, Any]):
         return state.transpose(), {}
@@ -140,11 +147,10 @@ class AndersonLinearSolver(AbstractFixedPointLinearSolver):
     root_finder: _AndersonRoot
     max_steps: int = eqx.field(converter=as_int)
 
-    def __init__(
-        self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any
-    ):
+    def __init__(self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any):
         """**Arguments:** `rtol`, `atol` and every other keyword (`norm`, `m`, `beta`,
-        `regularisation`, `safeguard_factor`, `divergence_factor`) as for
+        `regularisation`, `safeguard_factor`, `divergence_factor`,
+        `divergence_patience`) as for
         [`fixedpoint.Anderson`][]; `max_steps` (>= 1) the most matrix-vector products.
         """
         self.root_finder = _AndersonRoot(rtol=rtol, atol=atol, **kwargs)
@@ -160,11 +166,10 @@ class BroydenLinearSolver(AbstractFixedPointLinearSolver):
     root_finder: _BroydenRoot
     max_steps: int = eqx.field(converter=as_int)
 
-    def __init__(
-        self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any
-    ):
+    def __init__(self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any):
         """**Arguments:** `rtol`, `atol` and every other keyword (`norm`, `memory`,
-        `beta`, `line_search`, `max_backtracks`, `divergence_factor`) as for
+        `beta`, `line_search`, `max_backtracks`, `divergence_factor`,
+        `divergence_patience`) as for
         [`fixedpoint.Broyden`][]; `max_steps` (>= 1) the most matrix-vector products.
         """
         self.root_finder = _BroydenRoot(rtol=rtol, atol=atol, **kwargs)
@@ -181,12 +186,10 @@ class NeumannLinearSolver(AbstractFixedPointLinearSolver):
     root_finder: _NeumannRoot
     max_steps: int = eqx.field(converter=as_int)
 
-    def __init__(
-        self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any
-    ):
+    def __init__(self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any):
         """**Arguments:** `rtol`, `atol` and every other keyword (`norm`, `beta`,
-        `divergence_factor`) as for [`fixedpoint.Neumann`][]; `max_steps` (>= 1) the most
-        matrix-vector products. With `rtol = atol = 0` exactly `max_steps` terms of the
+        `divergence_factor`, `divergence_patience`) as for [`fixedpoint.Neumann`][];
+        `max_steps` (>= 1) the most matrix-vector products. With `rtol = atol = 0` exactly `max_steps` terms of the
         series are summed.
         """
         self.root_finder = _NeumannRoot(rtol=rtol, atol=atol, **kwargs)

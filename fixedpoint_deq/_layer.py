@@ -190,16 +190,16 @@ class DEQ(eqx.Module):
                 )
             self.correction.check_budget(self.max_steps)
 
-    def initial_state(
-        self, like: PyTree[Array], key: PRNGKeyArray | None = None
-    ) -> PyTree[Array]:
+    def initial_state(self, like: PyTree[Array], key: PRNGKeyArray | None = None) -> PyTree[Array]:
         """The starting point `init` prescribes, with the structure, shapes and dtypes of
         `like` (arrays or `jax.ShapeDtypeStruct`s)."""
         if self.init == "zero":
             return jtu.tree_map(
-                lambda leaf: jnp.zeros(leaf.shape, leaf.dtype)
-                if isinstance(leaf, jax.ShapeDtypeStruct)
-                else jnp.zeros_like(leaf),
+                lambda leaf: (
+                    jnp.zeros(leaf.shape, leaf.dtype)
+                    if isinstance(leaf, jax.ShapeDtypeStruct)
+                    else jnp.zeros_like(leaf)
+                ),
                 like,
             )
         if key is None:

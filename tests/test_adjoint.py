@@ -68,9 +68,7 @@ def test_linear_closed_form(forward_name, adjoint_name):
 
     @jax.jit
     def loss(ab):
-        sol = optx.fixed_point(
-            _linear_fn, solver, jnp.zeros(n), ab, adjoint=adjoint, max_steps=500
-        )
+        sol = optx.fixed_point(_linear_fn, solver, jnp.zeros(n), ab, adjoint=adjoint, max_steps=500)
         return c @ sol.value
 
     grad_a, grad_b = jax.grad(loss)((a, b))
@@ -177,9 +175,7 @@ def test_pytree_against_unrolled():
         return jnp.sum(z["u"] ** 2) + jnp.sum(jnp.cos(z["v"]))
 
     expected = jax.jit(
-        jax.grad(
-            lambda p: loss(p, fp.Neumann(**TOL), optx.RecursiveCheckpointAdjoint(), 2000)
-        )
+        jax.grad(lambda p: loss(p, fp.Neumann(**TOL), optx.RecursiveCheckpointAdjoint(), 2000))
     )(params)
     # Each forward solver with the backward solver of the same method (the full cross
     # product is covered on the flat nonlinear problem above).
@@ -198,7 +194,9 @@ def test_vmap_grad_and_backward_stats():
     adjoint = fp.ImplicitAdjoint(fp.linear.Anderson(rtol=1e-10, atol=1e-12))
 
     def loss(w, x, adjoint):
-        z = optx.fixed_point(_tanh_fn, FORWARD["anderson"], jnp.zeros(8), (w, x), adjoint=adjoint).value
+        z = optx.fixed_point(
+            _tanh_fn, FORWARD["anderson"], jnp.zeros(8), (w, x), adjoint=adjoint
+        ).value
         return jnp.sum(jnp.sin(z))
 
     per_sample = eqx.filter_jit(
@@ -229,7 +227,12 @@ def test_backward_statistics_match_a_direct_solve():
 
     def loss(ab_adj):
         ab, adj = ab_adj
-        return c @ optx.fixed_point(_linear_fn, FORWARD["anderson"], jnp.zeros(n), ab, adjoint=adj, max_steps=500).value
+        return (
+            c
+            @ optx.fixed_point(
+                _linear_fn, FORWARD["anderson"], jnp.zeros(n), ab, adjoint=adj, max_steps=500
+            ).value
+        )
 
     _, g_adj = eqx.filter_grad(loss)(((a, b), adjoint))
     # The same backward system solved directly: (A - I)^T lam = c.
@@ -247,7 +250,12 @@ def test_backward_out_of_steps_is_reported():
 
     def loss(ab_adj):
         ab, adj = ab_adj
-        return c @ optx.fixed_point(_linear_fn, FORWARD["anderson"], jnp.zeros(n), ab, adjoint=adj, max_steps=500).value
+        return (
+            c
+            @ optx.fixed_point(
+                _linear_fn, FORWARD["anderson"], jnp.zeros(n), ab, adjoint=adj, max_steps=500
+            ).value
+        )
 
     grads, g_adj = eqx.filter_grad(loss)(((a, b), fp.ImplicitAdjoint(short, throw=False)))
     assert g_adj.stats.failed == 1
@@ -294,7 +302,17 @@ def test_phantom_and_jacobian_free():
 
     def grad_b(adjoint):
         def loss(b):
-            return c @ optx.fixed_point(_linear_fn, FORWARD["anderson"], jnp.zeros(n), (a, b), adjoint=adjoint, max_steps=500).value
+            return (
+                c
+                @ optx.fixed_point(
+                    _linear_fn,
+                    FORWARD["anderson"],
+                    jnp.zeros(n),
+                    (a, b),
+                    adjoint=adjoint,
+                    max_steps=500,
+                ).value
+            )
 
         return jax.grad(loss)(b)
 
@@ -304,7 +322,9 @@ def test_phantom_and_jacobian_free():
     for k, lam in [(3, 0.5), (7, 0.8)]:
         m = (1 - lam) * eye + lam * a.T
         expected = lam * sum(jnp.linalg.matrix_power(m, i) @ c for i in range(k))
-        np.testing.assert_allclose(grad_b(fp.PhantomAdjoint(steps=k, beta=lam)), expected, rtol=1e-10)
+        np.testing.assert_allclose(
+            grad_b(fp.PhantomAdjoint(steps=k, beta=lam)), expected, rtol=1e-10
+        )
     # Many undamped steps converge to the exact implicit gradient.
     exact = jnp.linalg.solve((eye - a).T, c)
     np.testing.assert_allclose(grad_b(fp.PhantomAdjoint(steps=200, beta=1.0)), exact, rtol=1e-9)
@@ -325,7 +345,9 @@ def test_approximate_adjoint_statistics_are_per_sample():
         bs, adj = b_adj
 
         def one(b):
-            return jnp.sum(optx.fixed_point(f, FORWARD["anderson"], jnp.zeros(2), b, adjoint=adj).value)
+            return jnp.sum(
+                optx.fixed_point(f, FORWARD["anderson"], jnp.zeros(2), b, adjoint=adj).value
+            )
 
         return jnp.sum(jax.vmap(one)(bs))
 

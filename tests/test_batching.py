@@ -43,12 +43,18 @@ def _fn(z, p):
 # One sample each: fast, medium, slow (max steps at 30 for Neumann), divergent,
 # non-finite. (A NumPy array: JAX arrays are made inside the x64 fixture.)
 PARAMS = np.array(
-    [[0.1] + [1.0] * N, [0.7] + [0.5] * N, [0.97] + [-1.0] * N, [1.5] + [1.0] * N, [-1.0] + [1.0] * N],
+    [
+        [0.1] + [1.0] * N,
+        [0.7] + [0.5] * N,
+        [0.97] + [-1.0] * N,
+        [1.5] + [1.0] * N,
+        [-1.0] + [1.0] * N,
+    ],
     np.float64,
 )
 # Batched and per-sample runs may round differently (batched products); the steps,
 # counts and result codes must be identical.
-CLOSE = dict(rtol=1e-8, atol=1e-10)
+RTOL, ATOL = 1e-8, 1e-10
 
 SOLVERS = {
     "anderson": fp.Anderson(rtol=1e-10, atol=1e-10, trace_length=MAX_STEPS),
@@ -69,14 +75,14 @@ def _solve(solver, adjoint, p, y0=None):
 def _assert_same(batched, single, i):
     value, stats, result = batched
     s_value, s_stats, s_result = single
-    np.testing.assert_allclose(value[i], s_value, **CLOSE)
+    np.testing.assert_allclose(value[i], s_value, rtol=RTOL, atol=ATOL)
     assert result._value[i] == s_result._value
     assert set(stats) == set(s_stats)
     for key in stats:
         if key in ("num_steps", "max_steps"):
             assert stats[key][i] == s_stats[key]
         else:
-            np.testing.assert_allclose(stats[key][i], s_stats[key], **CLOSE)
+            np.testing.assert_allclose(stats[key][i], s_stats[key], rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
@@ -106,12 +112,12 @@ def test_vmap_grad_equals_per_sample(name):
     batched = jax.jit(jax.vmap(jax.grad(loss)))(params)
     grad_one = jax.jit(jax.grad(loss))
     single = np.stack([grad_one(p) for p in params])
-    np.testing.assert_allclose(batched, single, **CLOSE)
+    np.testing.assert_allclose(batched, single, rtol=RTOL, atol=ATOL)
     if name != "anderson":
         return
     # And the gradient of a batch mean (the training-loop case: grad of vmap).
     mean_grad = jax.jit(jax.grad(lambda ps: jnp.mean(jax.vmap(loss)(ps))))(params)
-    np.testing.assert_allclose(mean_grad, single / len(params), **CLOSE)
+    np.testing.assert_allclose(mean_grad, single / len(params), rtol=RTOL, atol=ATOL)
 
 
 def test_unbatched_arguments_and_batched_start():
@@ -134,7 +140,7 @@ def test_nested_vmap():
     for j in range(grid.shape[0]):
         for i in range(grid.shape[1]):
             single = solve_one(grid[j, i])
-            np.testing.assert_allclose(batched[0][j, i], single[0], **CLOSE)
+            np.testing.assert_allclose(batched[0][j, i], single[0], rtol=RTOL, atol=ATOL)
             assert batched[1]["num_steps"][j, i] == single[1]["num_steps"]
 
 
@@ -146,7 +152,7 @@ def test_other_solvers_fall_back_to_the_plain_batched_loop():
     solve_one = jax.jit(lambda p: _solve(solver, adjoint, p))
     for i, p in enumerate(params):
         single = solve_one(p)
-        np.testing.assert_allclose(batched[0][i], single[0], **CLOSE)
+        np.testing.assert_allclose(batched[0][i], single[0], rtol=RTOL, atol=ATOL)
         assert batched[1]["num_steps"][i] == single[1]["num_steps"]
 
 
@@ -174,7 +180,7 @@ def test_linear_solvers_vmap_equals_per_sample(solver):
     steps = set()
     for i, s in enumerate(scales):
         value, num_steps, result = solve_one(s)
-        np.testing.assert_allclose(batched[0][i], value, **CLOSE)
+        np.testing.assert_allclose(batched[0][i], value, rtol=RTOL, atol=ATOL)
         assert batched[1][i] == num_steps and batched[2][i] == result
         steps.add(int(num_steps))
     assert len(steps) > 1  # the samples stop at different steps
@@ -186,11 +192,7 @@ def test_history_is_not_selected_per_step():
     m, batch = 7, 3
     solver = fp.Anderson(m=m, rtol=1e-10, atol=1e-10)
     adjoint = fp.ImplicitAdjoint(throw=False)
-    hlo = (
-        jax.jit(jax.vmap(lambda p: _solve(solver, adjoint, p)[0]))
-        .lower(PARAMS[:batch])
-        .as_text()
-    )
+    hlo = jax.jit(jax.vmap(lambda p: _solve(solver, adjoint, p)[0])).lower(PARAMS[:batch]).as_text()
     history = f"tensor<{batch}x{m}x{N}xf64>"
     selects = [line for line in hlo.splitlines() if "stablehlo.select" in line]
     assert selects  # the check below looks at real select ops

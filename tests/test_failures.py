@@ -17,9 +17,18 @@ import pytest
 import fixedpoint as fp
 
 
-NAN_LATER, NAN_FIRST, INF_FIRST, EXPAND, NO_FIXED_POINT, BLOWUP, CONTRACT, CONST = (
-    range(8)
-)
+(
+    NAN_LATER,
+    NAN_FIRST,
+    INF_FIRST,
+    EXPAND,
+    NO_FIXED_POINT,
+    BLOWUP,
+    CONTRACT,
+    CONST,
+    CLIFF,
+    EXP,
+) = range(10)
 
 
 def _zoo(z, mode):
@@ -28,8 +37,12 @@ def _zoo(z, mode):
     NAN_FIRST   NaN everywhere;             INF_FIRST  +inf everywhere;
     EXPAND      2 z + 1 (fixed point -1, but the Picard map expands);
     NO_FIXED_POINT  z + 1;
-    BLOWUP      z + (z + 9)^3 (g = (z + 9)^3: the first, Picard, step overshoots);
-    CONTRACT    0.5 z + 1 (fixed point 2);  CONST      3.
+    BLOWUP      z + (z + 9)^3 (g = (z + 9)^3, root -9: the first, Picard, step
+                overshoots, and the Picard map expands);
+    CONTRACT    0.5 z + 1 (fixed point 2);  CONST      3;
+    CLIFF       z + 1 at y0, z + 1e6 + z^2 anywhere else: no step from y0 can bring
+                the residual back, however short;
+    EXP         exp(z) (no real fixed point; plain iteration overflows).
     """
     branches = [
         lambda z: jnp.where(z < 3, 0.5 * z + 2, jnp.nan),
@@ -40,6 +53,8 @@ def _zoo(z, mode):
         lambda z: z + (z + 9) ** 3,
         lambda z: 0.5 * z + 1,
         lambda z: jnp.full_like(z, 3.0),
+        lambda z: z + jnp.where(z == Y0, 1.0, 1e6 + z**2),
+        lambda z: jnp.exp(z),
     ]
     return jax.lax.switch(mode, branches, z)
 
@@ -60,7 +75,7 @@ def solve(solver, mode, max_steps=60, throw=False):
 SOLVERS = {
     "anderson": fp.Anderson(),
     "broyden": fp.Broyden(),
-    "broyden_ls": fp.Broyden(line_search=True),
+    "broyden_nols": fp.Broyden(line_search=False),
     "neumann": fp.Neumann(),
 }
 ALL = sorted(SOLVERS)
@@ -101,17 +116,18 @@ def test_nonfinite_at_first_evaluation_returns_y0(name, mode):
 
 
 def test_expanding_map_neumann_diverges():
-    """f(z) = 2 z + 1 from [0, 1]: the residual y + 1 doubles every step; the solve
-    stops at the first residual above divergence_factor x the best (2 x 1e4 <
-    2^15), i.e. after 15 evaluations, and returns y0, the best point."""
+    """f(z) = 2 z + 1 from [0, 1]: the residual y + 1 doubles every step; it first
+    exceeds divergence_factor x the best at step 15 (2 x 1e4 < 2^15) and divergence is
+    declared at the third such step in a row (divergence_patience = 3): 17
+    evaluations; y0, the best point, is returned."""
     sol = solve(SOLVERS["neumann"], EXPAND)
     assert result_is(sol, optx.RESULTS.nonlinear_divergence), sol.result
-    assert int(sol.stats["num_steps"]) == 15
+    assert int(sol.stats["num_steps"]) == 17
     np.testing.assert_array_equal(sol.value, Y0)
     assert float(sol.stats["residual_norm"]) == 2.0
 
 
-@pytest.mark.parametrize("name", ["anderson", "broyden", "broyden_ls"])
+@pytest.mark.parametrize("name", ["anderson", "broyden", "broyden_nols"])
 def test_expanding_linear_map_is_solved_by_root_finders(name):
     """Anderson and Broyden are root finders: they find the fixed point -1 of 2z + 1
     that Picard iteration cannot reach."""
@@ -120,15 +136,53 @@ def test_expanding_linear_map_is_solved_by_root_finders(name):
     np.testing.assert_allclose(sol.value, [-1.0, -1.0], rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_overshooting_first_step_diverges(name):
-    """g = (z + 9)^3 from [0, 1]: every method's first step is y0 + g(y0), where the
-    residual is ~1e9 > 1e4 x 1000: divergence at step 2, y0 returned."""
+@pytest.mark.parametrize("name", ["anderson", "broyden", "broyden_nols"])
+def test_overshooting_first_step_is_recovered(name):
+    """g = (z + 9)^3 from [0, 1]: the first (Picard) step raises the residual from 1e3
+    to 1e9. That used to end the solve with a divergence; the root finders now
+    backtrack (Anderson's restart, Broyden's line search, or Broyden's next secant
+    step without it), rescale their initial inverse Jacobian (the Picard map expands)
+    and find the root -9 (to |g| < 1e-6 + 1e-4 |z|, i.e. |z + 9| < 0.1: the root is
+    triple)."""
     sol = solve(SOLVERS[name], BLOWUP)
-    assert result_is(sol, optx.RESULTS.nonlinear_divergence), sol.result
-    assert int(sol.stats["num_steps"]) == 2
+    assert result_is(sol, optx.RESULTS.successful), sol.result
+    np.testing.assert_allclose(sol.value, [-9.0, -9.0], rtol=0, atol=0.1)
+
+
+def test_overshooting_neumann_fails_fast():
+    """Plain iteration on g = (z + 9)^3 blows up: the residual is 1e9, then 1e27, then
+    overflows float32 - a non-finite failure at the 4th evaluation, y0 returned."""
+    sol = solve(SOLVERS["neumann"], BLOWUP)
+    assert result_is(sol, optx.RESULTS.nonfinite), sol.result
+    assert int(sol.stats["num_steps"]) == 4
     np.testing.assert_array_equal(sol.value, Y0)
     assert float(sol.stats["residual_norm"]) == 1000.0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_cliff_diverges_after_patience(name):
+    """Every point but y0 has a residual 1e6 x larger: no restart, backtracking or
+    line search can bring it back, so each solver reports divergence after exactly
+    divergence_patience evaluations above 1e4 x the best (Neumann 3, Anderson and
+    Broyden 10, whose safeguards shorten the step in between), and returns y0."""
+    solver = SOLVERS[name]
+    sol = solve(solver, CLIFF)
+    assert result_is(sol, optx.RESULTS.nonlinear_divergence), sol.result
+    assert int(sol.stats["num_steps"]) == 1 + solver.divergence_patience
+    np.testing.assert_array_equal(sol.value, Y0)
+    assert float(sol.stats["residual_norm"]) == 1.0
+
+
+def test_exponential_growth_fails_fast():
+    """f(z) = exp(z) from [0, 1]: plain iteration (1, e, 15.2, 3.8e6, ...) blows up and
+    must fail within 5 evaluations (here the 5th overflows float32: non-finite,
+    before the sustained-rise rule would call it a divergence); y0 is returned."""
+    sol = solve(SOLVERS["neumann"], EXP)
+    assert result_is(sol, optx.RESULTS.nonfinite) or result_is(
+        sol, optx.RESULTS.nonlinear_divergence
+    ), sol.result
+    assert int(sol.stats["num_steps"]) <= 5
+    np.testing.assert_array_equal(sol.value, Y0)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -172,27 +226,25 @@ def test_max_steps_reports_last_evaluated_residual(name):
 def test_zero_tolerance_runs_all_steps(name):
     """rtol = atol = 0: never 'converged', even on the exact fixed point; exactly
     max_steps steps, and the solver sits on the fixed point (no NaN from 0/0)."""
-    sol = solve(
-        eqx.tree_at(lambda s: (s.rtol, s.atol), SOLVERS[name], (0.0, 0.0)), CONTRACT
-    )
+    sol = solve(eqx.tree_at(lambda s: (s.rtol, s.atol), SOLVERS[name], (0.0, 0.0)), CONTRACT)
     assert result_is(sol, optx.RESULTS.nonlinear_max_steps_reached), sol.result
     assert int(sol.stats["num_steps"]) == 60
     np.testing.assert_allclose(sol.value, [2.0, 2.0], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
-    "mode, message",
+    "mode, message, max_steps",
     [
-        (NAN_FIRST, "Nonfinite"),
-        (BLOWUP, "diverged"),
-        (CONTRACT, "maximum number of steps"),
+        (NAN_FIRST, "Nonfinite", 2),
+        (CLIFF, "diverged", 12),
+        (CONTRACT, "maximum number of steps", 2),
     ],
     ids=["nonfinite", "divergence", "max_steps"],
 )
 @pytest.mark.parametrize("name", THROW)
-def test_throw_raises(name, mode, message):
+def test_throw_raises(name, mode, message, max_steps):
     with pytest.raises(eqx.EquinoxRuntimeError, match=message):
-        jax.block_until_ready(solve(SOLVERS[name], mode, max_steps=2, throw=True).value)
+        jax.block_until_ready(solve(SOLVERS[name], mode, max_steps=max_steps, throw=True).value)
 
 
 @pytest.mark.parametrize("name", THROW)
@@ -206,7 +258,7 @@ def test_throw_does_not_raise_on_success(name):
 def test_vmap_over_failing_samples(name):
     """A batch mixing failures and successes (throw=False): each sample gets its own
     result and value, as when solved alone."""
-    modes = jnp.array([CONTRACT, NAN_LATER, NO_FIXED_POINT, BLOWUP, CONST])
+    modes = jnp.array([CONTRACT, NAN_LATER, NO_FIXED_POINT, CLIFF, CONST])
     batch = jax.vmap(lambda m: solve(SOLVERS[name], m))(modes)
     expected = [
         optx.RESULTS.successful,
@@ -248,6 +300,9 @@ BAD_HYPERPARAMETERS = [
     (fp.Broyden, dict(memory=0), "memory"),
     (fp.Broyden, dict(beta=-0.5), "beta"),
     (fp.Broyden, dict(line_search=1), "line_search"),
+    (fp.Broyden, dict(divergence_patience=0), "divergence_patience"),
+    (fp.Anderson, dict(divergence_patience=1.5), "divergence_patience"),
+    (fp.Neumann, dict(divergence_patience=True), "divergence_patience"),
     (fp.Broyden, dict(line_search="yes"), "line_search"),
     (fp.Broyden, dict(max_backtracks=-1), "max_backtracks"),
     (fp.Broyden, dict(rtol=float("nan")), "rtol"),
@@ -277,7 +332,7 @@ def test_bad_hyperparameter_raises(cls, kwargs, name):
         (fp.Anderson, dict(m=1, beta=1.0, rtol=0.0, atol=0.0, regularisation=0.0)),
         (fp.Anderson, dict(safeguard_factor=1.0001, divergence_factor=1.0001)),
         (fp.Broyden, dict(memory=1, beta=1e-6, line_search=True, max_backtracks=0)),
-        (fp.Neumann, dict(beta=1.0, trace_length=0)),
+        (fp.Neumann, dict(beta=1.0, trace_length=0, divergence_patience=1)),
     ],
 )
 def test_boundary_hyperparameters_accepted(cls, kwargs):
@@ -354,4 +409,6 @@ def test_anderson_gram_stays_the_gram_of_its_history(steps):
     if steps == 30:
         assert int(sol.state.num_restarts) >= 1  # the restart path was exercised
     dr = np.asarray(sol.state.dr, np.float64)
-    np.testing.assert_allclose(sol.state.gram, dr @ dr.T, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(dr).max() ** 2))
+    np.testing.assert_allclose(
+        sol.state.gram, dr @ dr.T, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(dr).max() ** 2)
+    )

@@ -49,10 +49,16 @@ def test_matrix_and_transpose(name):
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_pytree_function_operator(name):
     """A matrix-free operator on a dict: u -> 0.5 * rotate(u) - u."""
-    structure = {"p": jax.ShapeDtypeStruct((3,), jnp.float64), "q": jax.ShapeDtypeStruct((2, 2), jnp.float64)}
+    structure = {
+        "p": jax.ShapeDtypeStruct((3,), jnp.float64),
+        "q": jax.ShapeDtypeStruct((2, 2), jnp.float64),
+    }
 
     def mv(u):
-        return {"p": 0.5 * jnp.roll(u["p"], 1) + 0.1 * jnp.sum(u["q"]) - u["p"], "q": 0.4 * u["q"].T - u["q"]}
+        return {
+            "p": 0.5 * jnp.roll(u["p"], 1) + 0.1 * jnp.sum(u["q"]) - u["p"],
+            "q": 0.4 * u["q"].T - u["q"],
+        }
 
     op = lx.FunctionLinearOperator(mv, structure)
     b = {"p": jnp.array([1.0, 2.0, 3.0]), "q": jnp.array([[1.0, -1.0], [0.5, 2.0]])}
@@ -70,7 +76,10 @@ def test_truncated_neumann_series_is_exact():
     a = m - jnp.eye(7)
     for k in (1, 2, 4):
         sol = lx.linear_solve(
-            lx.MatrixLinearOperator(a), b, fp.linear.Neumann(rtol=0.0, atol=0.0, max_steps=k), throw=False
+            lx.MatrixLinearOperator(a),
+            b,
+            fp.linear.Neumann(rtol=0.0, atol=0.0, max_steps=k),
+            throw=False,
         )
         expected = -sum(jnp.linalg.matrix_power(m, i) @ b for i in range(k))
         np.testing.assert_allclose(sol.value, expected, rtol=1e-13, atol=1e-14)
@@ -80,7 +89,12 @@ def test_truncated_neumann_series_is_exact():
 def test_failure_codes():
     m, b = _contraction(5, 0.99)
     a = m - jnp.eye(5)
-    sol = lx.linear_solve(lx.MatrixLinearOperator(a), b, fp.linear.Neumann(rtol=1e-12, atol=1e-14, max_steps=3), throw=False)
+    sol = lx.linear_solve(
+        lx.MatrixLinearOperator(a),
+        b,
+        fp.linear.Neumann(rtol=1e-12, atol=1e-14, max_steps=3),
+        throw=False,
+    )
     assert sol.result == lx.RESULTS.max_steps_reached
     with pytest.raises(Exception, match="maximum number of solver steps"):
         lx.linear_solve(lx.MatrixLinearOperator(a), b, fp.linear.Neumann(rtol=1e-12, max_steps=3))
@@ -103,3 +117,23 @@ def test_construction_errors():
     rect = lx.MatrixLinearOperator(jnp.ones((3, 2)))
     with pytest.raises(ValueError, match="square"):
         lx.linear_solve(rect, jnp.ones(3), fp.linear.Anderson())
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_nonfinite_operator_or_vector(name):
+    """An operator or right-hand side holding NaN or inf is reported as such
+    (lx.RESULTS.nonfinite_input: "received non-finite (NaN or inf) input"), not as a
+    breakdown with advice about GMRES's `restart`; a finite but non-contractive
+    problem is still a breakdown."""
+    m, b = _contraction(5, 0.5)
+    a = m - jnp.eye(5)
+    solver = SOLVERS[name]()
+    for op, vec in [
+        (lx.MatrixLinearOperator(a.at[1, 2].set(jnp.nan)), b),
+        (lx.MatrixLinearOperator(a.at[0, 0].set(jnp.inf)), b),
+        (lx.MatrixLinearOperator(a), b.at[3].set(jnp.nan)),
+    ]:
+        sol = lx.linear_solve(op, vec, solver, throw=False)
+        assert sol.result == lx.RESULTS.nonfinite_input
+        with pytest.raises(Exception, match="non-finite"):
+            lx.linear_solve(op, vec, solver)

@@ -13,16 +13,17 @@ import pytest
 
 from fixedpoint_deq.mnist import data as mnist_data
 from fixedpoint_deq.mnist.data import (
+    download_mnist,
     ENV_CACHE_DIR,
     ENV_MNIST_DIR,
     FILE_NAMES,
+    load_mnist,
     MIRRORS,
     MNIST,
     MNISTDataError,
-    download_mnist,
-    load_mnist,
     read_idx,
 )
+
 
 SHARED_MNIST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"
 needs_shared = pytest.mark.skipif(
@@ -327,7 +328,9 @@ def test_good_fake_download_lands_atomically(
         name: gzip.compress(idx_bytes(np.full(3 + i, i, dtype=np.uint8)), mtime=0)
         for i, name in enumerate(FILE_NAMES.values())
     }
-    checksums = {name: hashlib.sha256(gzip.decompress(b)).hexdigest() for name, b in payloads.items()}
+    checksums = {
+        name: hashlib.sha256(gzip.decompress(b)).hexdigest() for name, b in payloads.items()
+    }
     cache = tmp_path / "cache"
     cache.mkdir()
     # One file is already present: it must not be fetched again.

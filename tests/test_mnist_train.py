@@ -41,8 +41,16 @@ needs_data = pytest.mark.skipif(
 
 # A small, fast setting shared by the training tests (so they share one compilation).
 SMALL: dict[str, Any] = dict(
-    width=8, batch_size=32, eval_batch_size=128, max_steps=8, epochs=2, lr=3e-3,
-    warmup_steps=4, train_subset=256, test_subset=128, seed=3,
+    width=8,
+    batch_size=32,
+    eval_batch_size=128,
+    max_steps=8,
+    epochs=2,
+    lr=3e-3,
+    warmup_steps=4,
+    train_subset=256,
+    test_subset=128,
+    seed=3,
 )
 
 
@@ -96,7 +104,6 @@ def test_conv3x3_matches_lax_in_both_modes():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-
 @pytest.mark.parametrize("groups", [1, 3])
 def test_channels_last_group_norm_matches_equinox(groups):
     key1, key2, key3 = jax.random.split(jax.random.key(1), 3)
@@ -110,7 +117,9 @@ def test_channels_last_group_norm_matches_equinox(groups):
     ref = jnp.moveaxis(norm(jnp.moveaxis(y, -1, 0)), 0, -1)
     np.testing.assert_allclose(_norm_hwc(norm, y), ref, rtol=1e-5, atol=1e-5)
     g = jax.grad(lambda y: jnp.sum(jnp.sin(_norm_hwc(norm, y))))(y)
-    g_ref = jax.grad(lambda y: jnp.sum(jnp.sin(jnp.moveaxis(norm(jnp.moveaxis(y, -1, 0)), 0, -1))))(y)
+    g_ref = jax.grad(lambda y: jnp.sum(jnp.sin(jnp.moveaxis(norm(jnp.moveaxis(y, -1, 0)), 0, -1))))(
+        y
+    )
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
 
 
@@ -165,8 +174,9 @@ def test_training_lowers_the_loss(straight_run, digits):
     mesh = tr.make_mesh()
     step_eval = tr.make_eval_step(config)
     before = tr.evaluate(model0, train_x, train_y, batch_size=128, mesh=mesh, eval_step=step_eval)
-    after = tr.evaluate(result.model, train_x, train_y, batch_size=128, mesh=mesh,
-                        eval_step=step_eval)
+    after = tr.evaluate(
+        result.model, train_x, train_y, batch_size=128, mesh=mesh, eval_step=step_eval
+    )
     assert after["test_loss"] < 0.8 * before["test_loss"]
     assert after["test_acc"] > before["test_acc"] + 0.2
     h = result.history
@@ -190,8 +200,9 @@ def test_resume_gives_the_same_weights(straight_run, digits, tmp_path):
     config, _, straight, _ = straight_run
     ckpt = tmp_path / "ckpt"
     base = dict(SMALL, checkpoint_dir=str(ckpt), out_dir=str(tmp_path / "out"))
-    first = tr.train(tr.Config(**base), digits, progress=False, log=lambda s: None,
-                     stop_after_epoch=1)
+    first = tr.train(
+        tr.Config(**base), digits, progress=False, log=lambda s: None, stop_after_epoch=1
+    )
     assert first.epoch == 1 and json.loads((ckpt / tr.CHECKPOINT_JSON).read_text())["epoch"] == 1
     resumed = tr.train(tr.Config(**base, resume=True), digits, progress=False, log=lambda s: None)
     assert resumed.epoch == 2 and [r["epoch"] for r in resumed.history] == [1, 2]
@@ -202,8 +213,12 @@ def test_resume_gives_the_same_weights(straight_run, digits, tmp_path):
     assert resumed.history[1]["test_acc"] == pytest.approx(straight.history[1]["test_acc"])
     # A resumed run must agree on the settings that shape the model.
     with pytest.raises(ValueError, match="width"):
-        tr.train(tr.Config(**dict(base, width=4), resume=True), digits, progress=False,
-                 log=lambda s: None)
+        tr.train(
+            tr.Config(**dict(base, width=4), resume=True),
+            digits,
+            progress=False,
+            log=lambda s: None,
+        )
 
 
 @needs_data
@@ -221,7 +236,10 @@ def test_non_finite_batch_skips_the_update(digits, tmp_path):
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     model, opt_state = tr.replicate(model, mesh), tr.replicate(opt_state, mesh)
     new_model, new_state, metrics = step(
-        model, opt_state, tr.put(x, sharding), tr.put(train_y[:32], sharding),
+        model,
+        opt_state,
+        tr.put(x, sharding),
+        tr.put(train_y[:32], sharding),
         jax.random.key(0),
     )
     assert not bool(metrics["finite"])
@@ -231,8 +249,9 @@ def test_non_finite_batch_skips_the_update(digits, tmp_path):
     # stay finite and the other steps train.
     bad_x = np.array(train_x)
     bad_x[17] = np.nan
-    result = tr.train(tr.Config(**SMALL), (bad_x, train_y, test_x, test_y), progress=False,
-                      log=lambda s: None)
+    result = tr.train(
+        tr.Config(**SMALL), (bad_x, train_y, test_x, test_y), progress=False, log=lambda s: None
+    )
     assert [r["skipped"] for r in result.history] == [1, 1]
     assert all(np.isfinite(np.asarray(p)).all() for p in _params(result.model))
     assert np.isfinite(result.history[-1]["train_loss"])
@@ -294,11 +313,15 @@ def test_sharded_step_equals_unsharded():
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-c", _SHARDED_SCRIPT, str(DATA_DIR)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT")][-1]
-    out = json.loads(line[len("RESULT"):])
+    out = json.loads(line[len("RESULT") :])
     one, four = out["one"], out["four"]
     for k in ("loss", "total", "fwd", "bwd"):
         np.testing.assert_allclose(four[k], one[k], rtol=1e-5, atol=1e-6)
@@ -313,17 +336,43 @@ def test_sharded_step_equals_unsharded():
 def test_help_lists_every_option():
     proc = subprocess.run(
         [sys.executable, "-m", "fixedpoint_deq.mnist", "--help"],
-        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     for option in (
-        "--data-dir", "--epochs", "--batch-size", "--lr", "--solver", "--anderson-m",
-        "--beta", "--broyden-memory", "--max-steps", "--fwd-tol", "--backward",
-        "--backward-solver", "--backward-max-steps", "--backward-tol", "--phantom-steps",
-        "--phantom-beta", "--jac-reg", "--width", "--seed", "--checkpoint-dir",
-        "--resume", "--train-subset", "--test-subset", "--quick", "--out-dir",
-        "--distributed", "--overwrite", "../shared/data/mnist",
+        "--data-dir",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--solver",
+        "--anderson-m",
+        "--beta",
+        "--broyden-memory",
+        "--max-steps",
+        "--fwd-tol",
+        "--backward",
+        "--backward-solver",
+        "--backward-max-steps",
+        "--backward-tol",
+        "--phantom-steps",
+        "--phantom-beta",
+        "--jac-reg",
+        "--width",
+        "--seed",
+        "--checkpoint-dir",
+        "--resume",
+        "--train-subset",
+        "--test-subset",
+        "--quick",
+        "--out-dir",
+        "--distributed",
+        "--overwrite",
+        "../shared/data/mnist",
     ):
         assert option in text, option
 
@@ -503,8 +552,13 @@ def test_a_run_refuses_a_directory_holding_a_checkpoint(tmp_path, capsys):
 def test_overwrite_replaces_the_checkpoint_once_an_epoch_is_saved(tmp_path, digits):
     ckpt = tmp_path / "ckpt"
     config = _saved_checkpoint(ckpt, epoch=2)
-    result = tr.train(dataclasses.replace(config, overwrite=True), digits, progress=False,
-                      log=lambda s: None, stop_after_epoch=1)
+    result = tr.train(
+        dataclasses.replace(config, overwrite=True),
+        digits,
+        progress=False,
+        log=lambda s: None,
+        stop_after_epoch=1,
+    )
     assert result.epoch == 1
     meta = json.loads((ckpt / tr.CHECKPOINT_JSON).read_text())
     assert meta["epoch"] == 1 and sorted(_files(ckpt)) == [tr.CHECKPOINT_JSON, "ckpt-0001.eqx"]
@@ -651,9 +705,21 @@ def test_an_update_that_is_not_finite_is_skipped(tmp_path):
 # variational dropout, an evaluation budget and tolerance, the Jacobian regulariser on
 # every 2nd step, the spectral radius at the test fixed points, warm starts, correction.
 TOOLKIT: dict[str, Any] = dict(
-    SMALL, width=4, train_subset=128, test_subset=64, eval_batch_size=64, max_steps=6,
-    norm="spectral", norm_target=0.9, dropout=0.2, eval_max_steps=9, eval_fwd_tol=1e-3,
-    jac_reg_every=2, spectral_radius_steps=3, reuse_fixed_points=True, correction_states=2,
+    SMALL,
+    width=4,
+    train_subset=128,
+    test_subset=64,
+    eval_batch_size=64,
+    max_steps=6,
+    norm="spectral",
+    norm_target=0.9,
+    dropout=0.2,
+    eval_max_steps=9,
+    eval_fwd_tol=1e-3,
+    jac_reg_every=2,
+    spectral_radius_steps=3,
+    reuse_fixed_points=True,
+    correction_states=2,
 )
 
 
@@ -661,8 +727,12 @@ TOOLKIT: dict[str, Any] = dict(
 def test_toolkit_run_logs_every_piece_and_resumes_exactly(digits, tmp_path):
     train_x, train_y, test_x, test_y = digits
     data = (train_x[:128], train_y[:128], test_x[:64], test_y[:64])
-    straight = tr.train(tr.Config(**TOOLKIT, checkpoint_dir=str(tmp_path / "a")), data,
-                        progress=False, log=lambda s: None)
+    straight = tr.train(
+        tr.Config(**TOOLKIT, checkpoint_dir=str(tmp_path / "a")),
+        data,
+        progress=False,
+        log=lambda s: None,
+    )
     for r in straight.history:
         assert r["skipped"] == 0
         assert r["jac_reg_steps"] == 2 and np.isfinite(r["jac_reg"])  # 4 steps, every 2nd

@@ -42,10 +42,16 @@ def test_unbiased(probe):
 
 def test_samples_average_and_gradient():
     p, z = _setup()
-    many = fp.jacobian_regularisation(_cell, z, p, key=jax.random.PRNGKey(2), samples=20000, probe="rademacher")
+    many = fp.jacobian_regularisation(
+        _cell, z, p, key=jax.random.PRNGKey(2), samples=20000, probe="rademacher"
+    )
     np.testing.assert_allclose(many, _exact(p, z), rtol=0.03)
     # Differentiable with respect to the parameters of f: matches the exact gradient.
-    grad_est = jax.grad(lambda p: fp.jacobian_regularisation(_cell, z, p, key=jax.random.PRNGKey(3), samples=20000, probe="rademacher"))(p)
+    grad_est = jax.grad(
+        lambda p: fp.jacobian_regularisation(
+            _cell, z, p, key=jax.random.PRNGKey(3), samples=20000, probe="rademacher"
+        )
+    )(p)
     grad_exact = jax.grad(lambda p: _exact(p, z))(p)
     for g, e in zip(grad_est, grad_exact):
         np.testing.assert_allclose(g, e, rtol=0.1, atol=0.02 * float(jnp.max(jnp.abs(e))))

@@ -62,8 +62,7 @@ def make(name, **kwargs):
 
 # The canonical solvers (equal objects hash equal: one compilation per shape).
 SOLVER = {
-    dtype: {name: make(name, **TOL[dtype], trace_length=TRACE) for name in SOLVERS}
-    for dtype in TOL
+    dtype: {name: make(name, **TOL[dtype], trace_length=TRACE) for name in SOLVERS} for dtype in TOL
 }
 
 
@@ -369,9 +368,7 @@ def check_tree_solution(sol, y0, w, b):
 
 
 @settings(PROPERTY, max_examples=4)
-@given(
-    structure=structures, name=st.sampled_from(SOLVERS), seed=st.integers(0, 2**32 - 1)
-)
+@given(structure=structures, name=st.sampled_from(SOLVERS), seed=st.integers(0, 2**32 - 1))
 @example(structure=Leaf(()), name="broyden", seed=0)
 def test_random_pytree(structure, name, seed):
     """Dicts/tuples of arrays of several shapes, with a scalar leaf (or a bare 0-d
@@ -445,9 +442,7 @@ def test_root_find_and_fixed_point_agree(name):
     for sol in (by_fixed, by_root):
         check_fixed_point(sol.value, w, x, True, "float32", TOL["float32"])
         np.testing.assert_array_equal(sol.aux["input"], sol.value)
-        np.testing.assert_allclose(
-            sol.aux["pre"], w @ sol.value + x, rtol=1e-5, atol=1e-6
-        )
+        np.testing.assert_allclose(sol.aux["pre"], w @ sol.value + x, rtol=1e-5, atol=1e-6)
 
 
 def _coupled_cube(y, args):
@@ -637,9 +632,7 @@ def test_trace_and_statistics(name, enable_x64):
     fewer = fixed(SOLVER["float64"][name], y0, args, max_steps=steps - 1)
     assert bool(fewer.result == optx.RESULTS.nonlinear_max_steps_reached)
     assert int(fewer.stats["num_steps"]) == steps - 1
-    np.testing.assert_array_equal(
-        fewer.stats["residual_trace"][: steps - 1], trace[: steps - 1]
-    )
+    np.testing.assert_array_equal(fewer.stats["residual_trace"][: steps - 1], trace[: steps - 1])
 
 
 def test_acceleration(enable_x64):
@@ -674,9 +667,7 @@ def test_trace_length_and_exact_max_steps(enable_x64):
     assert float(plain.stats["residual_norm"]) == float(full.stats["residual_norm"])
     short = fixed(make("neumann", **TOL["float64"], trace_length=3), y0, args)
     assert ok(short) and int(short.stats["num_steps"]) == steps > 3
-    np.testing.assert_array_equal(
-        short.stats["residual_trace"], full.stats["residual_trace"][:3]
-    )
+    np.testing.assert_array_equal(short.stats["residual_trace"], full.stats["residual_trace"][:3])
     exact = fixed(SOLVER["float64"]["neumann"], y0, args, max_steps=steps)
     assert ok(exact) and int(exact.stats["num_steps"]) == steps
     np.testing.assert_array_equal(exact.value, full.value)
@@ -700,9 +691,7 @@ def test_one_evaluation_per_step(name):
         fp.Anderson(m=1, beta=0.5),
         fp.Anderson(m=12, regularisation=0.0, norm=optx.rms_norm, safeguard_factor=1.5),
         fp.Broyden(memory=1),
-        fp.Broyden(
-            memory=3, beta=0.3, line_search=True, max_backtracks=2, norm=optx.two_norm
-        ),
+        fp.Broyden(memory=3, beta=0.3, line_search=True, max_backtracks=2, norm=optx.two_norm),
         fp.Neumann(beta=0.5, norm=optx.rms_norm),
     ],
     ids=[
@@ -746,14 +735,10 @@ def test_against_scipy_anderson(name, enable_x64):
     """scipy.optimize.anderson on tanh(W z + x) - z: the same point, to tolerance."""
     args = small_problem("float64", norm=0.8, seed=3)
     w, x = np.asarray(args[0]), np.asarray(args[1])
-    ref = scipy.optimize.anderson(
-        lambda z: np.tanh(w @ z + x) - z, np.zeros(N), f_tol=1e-13
-    )
+    ref = scipy.optimize.anderson(lambda z: np.tanh(w @ z + x) - z, np.zeros(N), f_tol=1e-13)
     sol = fixed(SOLVER["float64"][name], jnp.zeros(N), args)
     assert ok(sol), sol.result
-    bound = check_fixed_point(
-        sol.value, w, x, True, "float64", TOL["float64"], w_norm=0.8
-    )
+    bound = check_fixed_point(sol.value, w, x, True, "float64", TOL["float64"], w_norm=0.8)
     assert bound < 1e-8  # the comparison is a tight one
     scipy_bound = residual_bound(ref, w, x)
     assert scipy_bound < 1e-10
@@ -766,9 +751,7 @@ def test_against_scipy_broyden1(name, enable_x64):
     x0 = CUBE_ROOT + np.array([0.1, -0.1, 0.05])
     ref = scipy.optimize.broyden1(lambda y: y**3 + CUBE_M @ y - CUBE_C, x0, f_tol=1e-13)
     np.testing.assert_allclose(ref, CUBE_ROOT, atol=1e-12)
-    sol = root_cube(
-        CUBE[name], jnp.asarray(x0), (jnp.asarray(CUBE_M), jnp.asarray(CUBE_C))
-    )
+    sol = root_cube(CUBE[name], jnp.asarray(x0), (jnp.asarray(CUBE_M), jnp.asarray(CUBE_C)))
     assert ok(sol), sol.result
     # |g| < 1e-10 and the Jacobian's smallest singular value is > 1: |y - y*| < 1e-10.
     np.testing.assert_allclose(sol.value, ref, rtol=0, atol=2e-10)
@@ -782,9 +765,7 @@ def test_closed_forms(name, enable_x64):
     a = np.array([[0.5, 0.25], [-0.25, 0.5]])
     w, x = padded(a, np.array([1.0, 2.0]), N)
     solver = SOLVER["float64"][name]
-    sol = fixed(
-        solver, jnp.zeros(N), (jnp.asarray(w), jnp.asarray(x), jnp.asarray(False))
-    )
+    sol = fixed(solver, jnp.zeros(N), (jnp.asarray(w), jnp.asarray(x), jnp.asarray(False)))
     assert ok(sol)
     np.testing.assert_allclose(sol.value[:2], [3.2, 2.4], rtol=1e-9)
     assert np.all(np.asarray(sol.value[2:]) == 0)

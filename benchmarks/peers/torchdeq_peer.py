@@ -25,8 +25,8 @@ class TorchDEQ(PyAdapter):
     def solve(
         self, problem: Problem, tol_abs: float, budget: int, recorder: Recorder
     ) -> np.ndarray:
-        import torch
-        from torchdeq.solver import get_solver
+        import torch  # pyright: ignore[reportMissingImports]
+        from torchdeq.solver import get_solver  # pyright: ignore[reportMissingImports]
 
         from .. import harness
 

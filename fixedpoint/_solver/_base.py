@@ -50,7 +50,9 @@ class AbstractFixedPointRootFinder(optx.AbstractRootFinder[Y, Out, Aux, SolverSt
     - `rtol`, `atol`: tolerances of the stopping rule (>= 0).
     - `norm`: a function `PyTree -> scalar` for the stopping rule and the statistics.
     - `divergence_factor`: (> 1) a residual above this multiple of the best one seen
-        is a divergence.
+        counts towards divergence.
+    - `divergence_patience`: (>= 1) divergence is declared after this many
+        evaluations in a row above `divergence_factor` x the best.
     - `trace_length`: (>= 0) how many residual norms to record.
     """
 
@@ -58,6 +60,7 @@ class AbstractFixedPointRootFinder(optx.AbstractRootFinder[Y, Out, Aux, SolverSt
     atol: eqx.AbstractVar[float]
     norm: eqx.AbstractVar[Callable[[PyTree], Scalar]]
     divergence_factor: eqx.AbstractVar[float]
+    divergence_patience: eqx.AbstractVar[int]
     trace_length: eqx.AbstractVar[int]
 
     def __check_init__(self) -> None:
@@ -65,6 +68,7 @@ class AbstractFixedPointRootFinder(optx.AbstractRootFinder[Y, Out, Aux, SolverSt
         check_real("atol", self.atol, low=0.0)
         check_callable("norm", self.norm, "PyTree -> scalar")
         check_real("divergence_factor", self.divergence_factor, low=1.0, low_open=True)
+        check_int("divergence_patience", self.divergence_patience, low=1)
         check_int("trace_length", self.trace_length, low=0)
 
     def terminate(
@@ -112,6 +116,7 @@ class AbstractFixedPointRootFinder(optx.AbstractRootFinder[Y, Out, Aux, SolverSt
             atol=self.atol,
             norm=self.norm,
             divergence_factor=self.divergence_factor,
+            divergence_patience=self.divergence_patience,
         )
         return y_flat, r_flat, aux, progress
 

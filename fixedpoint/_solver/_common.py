@@ -68,6 +68,54 @@ def tree_where(pred: Bool[Array, ""], a: PyTree, b: PyTree) -> PyTree:
 
 
 # ----------------------------------------------------------------------------------
+# Scalar products and the secant scale, shared by Anderson and Broyden.
+
+
+def acc_dtype(dtype) -> jnp.dtype:
+    """The dtype of reductions (scalar products, norms, small solves): the state's
+    dtype promoted to at least float32 (float16/bfloat16 states accumulate in
+    float32; complex stays complex)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def negligible(dtype) -> float:
+    """Relative size (to the product of the norms) below which a scalar product of two
+    vectors of `dtype` counts as vanishing: 1000 machine epsilons, at most 1e-2 (so
+    that float16/bfloat16 still have room)."""
+    return min(1e3 * float(jnp.finfo(dtype).eps), 1e-2)
+
+
+def dot(a: Array, b: Array, acc: jnp.dtype) -> Array:
+    """``a^* b`` (conjugating `a`), accumulated in `acc`; `a` may be a matrix (rows)."""
+    if a.dtype == acc and b.dtype == acc:  # (a plain product is cheaper in XLA)
+        return jnp.conj(a) @ b
+    return jnp.matmul(jnp.conj(a), b, preferred_element_type=acc)
+
+
+def secant_scale(s: Array, d: Array, acc: jnp.dtype, small: float) -> tuple[Array, ...]:
+    r"""The scalar inverse-Jacobian estimate that one secant pair (step `s`, change of
+    residual `d`) gives: $\frac{d^* s}{|d^* s|} \frac{\|s\|}{\|d\|}$ (the sign - phase,
+    for complex - of $d^* s$ and the size $\|s\| / \|d\|$, the geometric mean of the
+    two Barzilai-Borwein scales, which stays meaningful when $s$ and $d$ are nearly
+    orthogonal).
+
+    Returns ``(scale, valid, cosine, d_s, s_s, d_d)``: `valid` is false when `d`
+    vanishes, `s` and `d` are orthogonal to within `small`, or anything is non-finite;
+    ``cosine = Re(d^* s) / (|s| |d|)``; and the scalar products ``d^* s``, ``|s|^2``,
+    ``|d|^2`` themselves, for the callers' other uses."""
+    d_s = dot(d, s, acc)
+    s_s = jnp.real(dot(s, s, acc))
+    d_d = jnp.real(dot(d, d, acc))
+    norms = jnp.sqrt(s_s * d_d)
+    abs_ds = jnp.abs(d_s)
+    ratio = jnp.sqrt(s_s / jnp.where(d_d > 0, d_d, 1))
+    scale = d_s / jnp.where(abs_ds > 0, abs_ds, 1) * ratio
+    valid = (d_d > 0) & (abs_ds > small * norms) & jnp.isfinite(scale)
+    cosine = jnp.real(d_s) / jnp.where(norms > 0, norms, 1)
+    return scale, valid, cosine, d_s, s_s, d_d
+
+
+# ----------------------------------------------------------------------------------
 # Progress: what is common to every method's loop state.
 
 
@@ -75,9 +123,14 @@ class Progress(eqx.Module):
     """Bookkeeping shared by all methods (part of each solver state).
 
     - `converged`: the last evaluated point met the stopping rule.
-    - `diverged`: the last residual exceeded `divergence_factor` x the best one.
+    - `num_above`: how many evaluations in a row (up to the last one) had a residual
+      norm above `divergence_factor` x the best one seen before them.
+    - `diverged`: `num_above` reached `divergence_patience`: the residual stayed far
+      above the best for that many evaluations, whatever the method's safeguard (restart,
+      backtracking) did in between.
     - `nonfinite`: the last residual was NaN or infinite.
-    - `residual_norm`: `norm(g(y))` at the last evaluated point.
+    - `residual_norm`: `norm(g(y))` at the last evaluated point (real, also for complex
+      states).
     - `best_norm`, `y_best`, `r_best`: the smallest residual norm seen, its point and
       its residual. On failure the solver returns `y_best`, never a worse iterate.
     - `trace`: `norm(g(y_k))` of the first `trace_length` steps (NaN after the last).
@@ -85,6 +138,7 @@ class Progress(eqx.Module):
 
     step: Int[Array, ""]
     converged: Bool[Array, ""]
+    num_above: Int[Array, ""]
     diverged: Bool[Array, ""]
     nonfinite: Bool[Array, ""]
     residual_norm: Scalar
@@ -95,12 +149,14 @@ class Progress(eqx.Module):
 
 
 def init_progress(y_flat: Array, trace_length: int) -> Progress:
-    dtype = y_flat.dtype
+    # Norms are real, also for a complex state (finfo(complex64).dtype is float32).
+    dtype = jnp.finfo(y_flat.dtype).dtype
     inf = jnp.array(jnp.inf, dtype)
     false = jnp.array(False)
     return Progress(
         step=jnp.array(0),
         converged=false,
+        num_above=jnp.array(0),
         diverged=false,
         nonfinite=false,
         residual_norm=inf,
@@ -122,6 +178,7 @@ def update_progress(
     atol: float,
     norm: Callable[[PyTree], Scalar],
     divergence_factor: float,
+    divergence_patience: int,
 ) -> Progress:
     """Record the residual `r = g(y)` of a newly evaluated point.
 
@@ -129,23 +186,32 @@ def update_progress(
     For a fixed-point problem ``g(y) = f(y) - y`` this bounds the change that one plain
     iteration would make, relative to the size of `y`, exactly as
     `optx.FixedPointIteration` does.
+
+    Divergence: a residual above ``divergence_factor`` x the best one seen is not
+    failure by itself (a quasi-Newton residual is not monotone, and the methods'
+    safeguards - Anderson's restart, Broyden's line search - bring it back); the
+    method has failed when that happened at ``divergence_patience`` evaluations in a
+    row.
     """
-    dtype = y_flat.dtype
+    real = progress.best_norm.dtype
     with jax.numpy_dtype_promotion("standard"):
         scaled = jtu.tree_map(lambda ri, yi: ri / (atol + rtol * jnp.abs(yi)), r, y)
-        scaled_norm = jnp.asarray(norm(scaled)).astype(dtype)
-        r_norm = jnp.asarray(norm(r)).astype(dtype)
+        scaled_norm = jnp.real(jnp.asarray(norm(scaled))).astype(real)
+        r_norm = jnp.real(jnp.asarray(norm(r))).astype(real)
     # A finished solve records nothing more (see `is_done`): its flags, counts and best
     # point stay as they were, at no cost beyond the selects made anyway.
     frozen = is_done(progress)
     nonfinite = ~jnp.isfinite(r_norm)
     converged = (scaled_norm < 1) & ~nonfinite
-    diverged = (r_norm > divergence_factor * progress.best_norm) & ~nonfinite
+    above = (r_norm > divergence_factor * progress.best_norm) & ~nonfinite
+    num_above = jnp.where(above, progress.num_above + 1, 0)
+    diverged = num_above >= divergence_patience
     better = (r_norm < progress.best_norm) & ~frozen
     trace_slot = jnp.where(frozen, progress.trace.size, progress.step)  # dropped if frozen
     return Progress(
         step=progress.step + jnp.where(frozen, 0, 1).astype(progress.step.dtype),
         converged=jnp.where(frozen, progress.converged, converged),
+        num_above=jnp.where(frozen, progress.num_above, num_above),
         diverged=jnp.where(frozen, progress.diverged, diverged),
         nonfinite=jnp.where(frozen, progress.nonfinite, nonfinite),
         residual_norm=jnp.where(frozen, progress.residual_norm, r_norm),
@@ -197,18 +263,12 @@ def select_output(
     - non-finite values or divergence: the best point evaluated, never the iterate that
       blew up.
     """
-    broken = (result == optx.RESULTS.nonfinite) | (
-        result == optx.RESULTS.nonlinear_divergence
-    )
+    broken = (result == optx.RESULTS.nonfinite) | (result == optx.RESULTS.nonlinear_divergence)
     # `y_best` starts as y0, so a function that is non-finite from the first
     # evaluation returns y0 (with the non-finite residual reported).
     y_out = tree_where(broken, unravel_like(progress.y_best, y), y)
     finite_best = broken & jnp.isfinite(progress.best_norm)
-    stats = {
-        "residual_norm": jnp.where(
-            finite_best, progress.best_norm, progress.residual_norm
-        )
-    }
+    stats = {"residual_norm": jnp.where(finite_best, progress.best_norm, progress.residual_norm)}
     if trace_length > 0:
         stats["residual_trace"] = progress.trace
     return y_out, stats

@@ -9,20 +9,33 @@ from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
 from .._validate import as_int, check_int, check_real
 from ._base import AbstractFixedPointRootFinder, Aux, Fn, Out, Y
-from ._common import flatten_initial, init_progress, is_done, Progress
+from ._common import (
+    acc_dtype,
+    dot,
+    flatten_initial,
+    init_progress,
+    is_done,
+    negligible,
+    Progress,
+    secant_scale,
+)
 
 
 class _AndersonState(eqx.Module):
     dy: Float[Array, "m n"]  # ring buffer of differences y_{i+1} - y_i
     dr: Float[Array, "m n"]  # ring buffer of differences g(y_{i+1}) - g(y_i)
-    gram: Float[Array, "m m"]  # dr @ dr.T, one row and column updated per step
+    gram: Float[Array, "m m"]  # conj(dr) @ dr.T (at least float32), one row and column per step
     count: Int[Array, ""]  # valid columns since the last restart (capped at m)
     index: Int[Array, ""]  # next ring slot to write
     y_prev: Float[Array, " n"]
     r_prev: Float[Array, " n"]
     has_prev: Bool[Array, ""]
     num_restarts: Int[Array, ""]
-    consecutive: Int[Array, ""]  # restarts in a row (halve the restart step each)
+    restart_t: Scalar  # the step factor of the latest restart (or first) step
+    restart_best: Scalar  # the best residual norm when it was taken
+    pending_restart: Bool[Array, ""]  # the point being evaluated is that step
+    h0: Scalar  # the initial inverse-Jacobian estimate h0 I (-beta I, then rescaled)
+    scaled: Bool[Array, ""]  # the history has had its first pair (h0 was scaled)
     progress: Progress
 
 
@@ -36,22 +49,26 @@ def anderson_coefficients(
 
     $$\gamma = \arg\min_\gamma \|r - \Delta R^\top \gamma\|_2^2 + \lambda \|D\gamma\|_2^2,$$
 
-    by its normal equations, given the Gram matrix ``gram`` $= \Delta R \Delta R^\top$
-    and ``dr_r`` $= \Delta R\, r$, with the columns of $\Delta R^\top$ scaled to unit norm
-    ($D$ = diagonal of column norms), so that $\lambda$ is relative and the $m \times m$
-    system is well conditioned in the working dtype. Invalid (empty) columns get
-    $\gamma_i = 0$; an all-empty or rank-deficient history never gives NaN.
+    by its normal equations, given the (Hermitian) Gram matrix ``gram``
+    $= \overline{\Delta R}\, \Delta R^\top$ and ``dr_r`` $= \overline{\Delta R}\, r$, with the
+    columns of $\Delta R^\top$ scaled to unit norm ($D$ = diagonal of column norms), so
+    that $\lambda$ is relative and the $m \times m$ system is well conditioned. The
+    system is solved in the dtype of ``gram`` promoted to at least float32 (LAPACK has
+    no float16/bfloat16 solve) and $\gamma$ is returned in that dtype. Invalid (empty)
+    columns get $\gamma_i = 0$; an all-empty or rank-deficient history never gives NaN.
     """
-    dtype = gram.dtype
+    dtype = acc_dtype(gram.dtype)
+    gram = gram.astype(dtype)
+    dr_r = dr_r.astype(dtype)
     both = valid[:, None] & valid[None, :]
-    diag = jnp.diagonal(gram)
+    diag = jnp.real(jnp.diagonal(gram))
     good = valid & (diag > jnp.finfo(dtype).tiny)
     scale = jnp.where(good, jnp.sqrt(jnp.where(good, diag, 1)), 1)
     both = both & good[:, None] & good[None, :]
     gram = jnp.where(both, gram / (scale[:, None] * scale[None, :]), 0)
     m = gram.shape[0]
     eye = jnp.eye(m, dtype=dtype)
-    system = gram + jnp.where(good, reg, 1)[:, None] * eye
+    system = gram + jnp.where(good, reg, 1).astype(dtype)[:, None] * eye
     rhs = jnp.where(good, dr_r / scale, 0)
     gamma = jnp.linalg.solve(system, rhs) / scale
     gamma = jnp.where(good & jnp.isfinite(gamma), gamma, 0)
@@ -71,32 +88,57 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
 
     and mixes
 
-    $$y_{k+1} = y_k + \beta r_k - (\Delta Y + \beta\,\Delta R)\,\gamma_k,$$
+    $$y_{k+1} = y_k - h_0 r_k - (\Delta Y - h_0\,\Delta R)\,\gamma_k,$$
 
-    i.e. $y_{k+1} = (1-\beta)\bar y_k + \beta \bar f_k$ with the extrapolated
+    where $h_0 I$ is the initial estimate of the inverse Jacobian of $g$ (Anderson
+    mixing is a multisecant quasi-Newton method). It starts as $h_0 = -\beta$: then
+    $y_{k+1} = (1-\beta)\bar y_k + \beta \bar f_k$ with the extrapolated
     $\bar y_k = y_k - \Delta Y \gamma_k$ and $\bar f_k = \bar y_k + r_k - \Delta R
-    \gamma_k$. With an empty history this is a damped Picard step (see
+    \gamma_k$, and with an empty history a step is a damped Picard step (see
     [`fixedpoint.Neumann`][]). On a linear problem it is equivalent to GMRES(m)-like
     Krylov acceleration. The least-squares problem is solved with its columns scaled to
     unit norm, by the normal equations plus $\lambda$ (relative Tikhonov
-    regularisation, floored at 10 x the dtype's machine epsilon), in the working dtype;
-    empty or collinear history columns cannot give NaN.
+    regularisation, floored at 10 x the dtype's machine epsilon), Hermitian for complex
+    states, in the dtype of `y` promoted to at least float32 (float16 and bfloat16
+    states work; the iterates keep the dtype of `y`); empty or collinear history
+    columns cannot give NaN.
+
+    **Scaling from the problem:** the first pair of the history $(s, d)$ (the first
+    step and the change of residual it made) rescales $h_0$ to the secant scale
+
+    $$h_0 = \frac{d^* s}{|d^* s|}\,\frac{\|s\|_2}{\|d\|_2}$$
+
+    (the sign - for complex states the phase - of $d^* s$ and the size $\|s\| / \|d\|$,
+    which stays meaningful when $s$ and $d$ are nearly orthogonal, as for an indefinite
+    Jacobian), unless that has the sign of $-\beta$ and is less than $10 \beta$ in
+    size: then the fixed-point convention $h_0 = -\beta$ stays (on contractive DEQ maps
+    nothing changes). On a root problem whose Jacobian has eigenvalues of the other
+    sign (e.g. positive definite: $y + g(y)$ expands) or a much larger scale, the
+    Picard direction $-h_0 g$ is then a sensible one. Later, a restart step (below)
+    that had to be shrunk below 1/20 before it was accepted rescales $h_0$ again from
+    its own pair (the steps were far too long).
 
     **Safeguard:** if the residual at a new iterate exceeds `safeguard_factor` times the
     best residual seen so far, the extrapolation is rejected: the history is cleared and
-    the next iterate is a damped Picard step from the best point,
-    $y_{best} + 2^{-j} \beta\, g(y_{best})$ (its residual is stored, so this costs no
-    extra evaluation), where $j$ counts the restarts in a row before this one: a
-    Picard step that itself overshoots is backtracked, not repeated.
+    the next iterate is a Picard step from the best point, $y_{best} - c\, h_0\,
+    g(y_{best})$ (its residual is stored, so this costs no extra evaluation). $c = 1$,
+    unless the best point has not improved since the previous restart: then $c$ is
+    that restart's $c$ times the minimiser of the secant model
+    $\|g(y_{best}) + (\tau / c)\,(g(y_{rej}) - g(y_{best}))\|_2$ clipped to
+    $[1/10, 1/2]$ if the rejected point was that restart's step, else times 1/2 - a
+    restart step that overshoots is backtracked, never repeated.
     `sol.state.num_restarts` counts the restarts.
 
     **Stopping rule, failures, statistics:** as for [`fixedpoint.Neumann`][]: stop when
-    `norm(g(y) / (atol + rtol * |y|)) < 1`; `nonfinite`, `nonlinear_divergence` (residual
-    above `divergence_factor` x the best) and `nonlinear_max_steps_reached` are reported
-    and what is returned on failure is as described there; exactly one evaluation of
-    $g$ per step;
-    `sol.stats["residual_norm"]` and, with `trace_length > 0`,
-    `sol.stats["residual_trace"]`.
+    `norm(g(y) / (atol + rtol * |y|)) < 1`; `nonfinite`, `nonlinear_divergence` and
+    `nonlinear_max_steps_reached` are reported and what is returned on failure is as
+    described there; exactly one evaluation of $g$ per step;
+    `sol.stats["residual_norm"]` (real, also for complex states) and, with
+    `trace_length > 0`, `sol.stats["residual_trace"]`. Divergence is declared when the
+    residual stayed above `divergence_factor` x the best one for `divergence_patience`
+    evaluations in a row, i.e. when the restarts (each shrinking the step) could not
+    bring it back: a transient rise of the residual, which the safeguard handles, is
+    not failure.
 
     Memory: $2 m n + O(n)$ numbers in the dtype of `y`; cost per step beyond the
     evaluation of $g$: $O(m n + m^3)$ (the Gram matrix of the history is updated by one
@@ -111,6 +153,7 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
     regularisation: float = 1e-8
     safeguard_factor: float = 1e2
     divergence_factor: float = 1e4
+    divergence_patience: int = eqx.field(default=10, converter=as_int)
     trace_length: int = eqx.field(default=0, converter=as_int)
 
     def __check_init__(self) -> None:
@@ -133,17 +176,23 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         y_flat = flatten_initial(y, f_struct)
         n = y_flat.size
         zeros = jnp.zeros((self.m, n), y_flat.dtype)
+        acc = acc_dtype(y_flat.dtype)
+        real = jnp.finfo(acc).dtype
         return _AndersonState(
             dy=zeros,
             dr=zeros,
-            gram=jnp.zeros((self.m, self.m), y_flat.dtype),
+            gram=jnp.zeros((self.m, self.m), acc),
             count=jnp.array(0),
             index=jnp.array(0),
             y_prev=jnp.zeros_like(y_flat),
             r_prev=jnp.zeros_like(y_flat),
             has_prev=jnp.array(False),
             num_restarts=jnp.array(0),
-            consecutive=jnp.array(0),
+            restart_t=jnp.array(1, real),
+            restart_best=jnp.array(jnp.inf, real),
+            pending_restart=jnp.array(False),
+            h0=jnp.array(-self.beta, acc),
+            scaled=jnp.array(False),
             progress=init_progress(y_flat, self.trace_length),
         )
 
@@ -161,8 +210,10 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         frozen = is_done(state.progress)  # a finished solve changes nothing (see is_done)
         y_k, r_k, aux, progress = self._evaluate(fn, y, args, state.progress)
         dtype = y_k.dtype
-        beta = jnp.asarray(self.beta, dtype)
-        reg = jnp.maximum(jnp.asarray(self.regularisation, dtype), 10 * jnp.finfo(dtype).eps)
+        acc = state.gram.dtype
+        real = state.restart_t.dtype
+        # (jnp, not Python's max: `regularisation` may be traced.)
+        reg = jnp.maximum(jnp.asarray(self.regularisation, real), 10 * jnp.finfo(dtype).eps)
 
         # Safeguard: reject a point whose residual blew up; restart from the best.
         reject = (
@@ -177,31 +228,68 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         # is simply zeroed: no old row is read, and XLA writes the buffers in place.
         push = state.has_prev & ~reject & ~frozen
         i = state.index
+        s_k = y_k - state.y_prev
+        d_k = r_k - state.r_prev
         # (A finished solve writes out of range: the write is dropped.)
         slot = jnp.where(frozen, self.m, i)
-        dy = state.dy.at[slot].set(jnp.where(push, y_k - state.y_prev, 0), mode="drop")
-        dr = state.dr.at[slot].set(jnp.where(push, r_k - state.r_prev, 0), mode="drop")
-        # Only row/column i of the Gram matrix changes: one matrix-vector product
-        # (m n) per step instead of a matrix product (m^2 n).
-        gram_i = dr @ dr[i]
-        gram = state.gram.at[slot].set(gram_i, mode="drop").at[:, slot].set(gram_i, mode="drop")
-        count = jnp.where(reject, 0, jnp.where(push, jnp.minimum(state.count + 1, self.m), state.count))
+        dy = state.dy.at[slot].set(jnp.where(push, s_k, 0), mode="drop")
+        dr = state.dr.at[slot].set(jnp.where(push, d_k, 0), mode="drop")
+        # Only row/column i of the (Hermitian) Gram matrix changes: one matrix-vector
+        # product (m n) per step instead of a matrix product (m^2 n); accumulated in
+        # at least float32.
+        gram_i = dot(dr, dr[i], acc)
+        gram = (
+            state.gram.at[slot]
+            .set(jnp.conj(gram_i), mode="drop")
+            .at[:, slot]
+            .set(gram_i, mode="drop")
+        )
+        count = jnp.where(
+            reject, 0, jnp.where(push, jnp.minimum(state.count + 1, self.m), state.count)
+        )
         index = jnp.where(reject, 0, jnp.where(push, (state.index + 1) % self.m, state.index))
 
-        # Base point of the mixing step: the new point, or the best one on restart.
-        # A restart's step is halved for every restart in a row, so that a Picard
-        # step that itself overshoots is not repeated forever (backtracking).
-        consecutive = jnp.where(
-        frozen, state.consecutive, jnp.where(reject, state.consecutive + 1, 0)
-    )
-        shrink = jnp.asarray(0.5, dtype) ** jnp.maximum(consecutive - 1, 0)
+        # The initial inverse-Jacobian estimate h0 I (h0 = -beta: the Picard step
+        # y + beta g) is rescaled from the problem at the first pair of the history,
+        # unless the secant scale agrees in sign with -beta and is less than 10 beta
+        # in size; and again from the pair of a restart step that had to be shrunk
+        # below 1/20 before it was accepted (such steps were far too long).
+        fit, fit_ok, cosine, d_s, _, d_d = secant_scale(s_k, d_k, acc, negligible(dtype))
+        keep = (cosine < 0.1) & (jnp.abs(fit) < 10 * self.beta)
+        first_pair = push & ~state.scaled & ~keep
+        short = push & state.scaled & state.pending_restart & (state.restart_t < 0.05)
+        h0 = jnp.where((first_pair | short) & fit_ok, fit, state.h0)
+        h0_v = h0.astype(dtype)
+
+        # Base point of the mixing step: the new point, or the best one on restart,
+        # from where a restart takes the Picard step y_best - c h0 g(y_best).
+        # c = 1 unless the best point has not improved since the latest restart: then
+        # that restart's step overshot (it, or the extrapolations after it, blew up),
+        # and c shrinks - by the minimiser of the secant model of g along the Picard
+        # line, clipped to [1/10, 1/2], when the rejected point is that step itself,
+        # else by 1/2 - so that no rejected point is evaluated again (backtracking).
+        # (That step is s = -c h0 r_best from y_prev = y_best, so the secant-model
+        # minimiser -Re(d* r_best) / |d|^2 is Re(d* s / (c h0)) / |d|^2.)
+        c_h0 = state.restart_t.astype(acc) * state.h0
+        ratio = jnp.real(d_s / jnp.where(c_h0 != 0, c_h0, 1)) / jnp.where(d_d > 0, d_d, 1)
+        ratio = jnp.where(
+            state.pending_restart & jnp.isfinite(ratio), jnp.clip(ratio, 0.1, 0.5), 0.5
+        ).astype(real)
+        stuck = progress.best_norm >= state.restart_best
+        c = jnp.where(stuck, state.restart_t * ratio, jnp.ones_like(ratio))
+        first = ~state.has_prev  # the first step is a restart from y0 with c = 1
+        new_restart = reject | first
+        restart_t = jnp.where(reject, c, jnp.where(first, 1, state.restart_t)).astype(real)
+        restart_best = jnp.where(new_restart, progress.best_norm, state.restart_best)
         y_base = jnp.where(reject, progress.y_best, y_k)
         r_base = jnp.where(reject, progress.r_best, r_k)
+
         valid = jnp.arange(self.m) < count
-        gamma = anderson_coefficients(gram, dr @ r_base, valid, reg)
-        step = beta * shrink
-        # (Two vector-matrix products: cheaper than forming dy + beta dr.)
-        y_next = y_base + step * r_base - gamma @ dy - beta * (gamma @ dr)
+        gamma = anderson_coefficients(gram, dot(dr, r_base, acc), valid, reg)
+        gamma = gamma.astype(dtype)
+        step = -h0_v * jnp.where(reject, c, 1).astype(dtype)
+        # (Two vector-matrix products: cheaper than forming dy - h0 dr.)
+        y_next = y_base + step * r_base - gamma @ dy + h0_v * (gamma @ dr)
 
         new_state = _AndersonState(
             dy=dy,
@@ -213,7 +301,11 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
             r_prev=r_base,
             has_prev=jnp.array(True),
             num_restarts=state.num_restarts + reject.astype(state.num_restarts.dtype),
-            consecutive=consecutive.astype(state.consecutive.dtype),
+            restart_t=restart_t,
+            restart_best=restart_best,
+            pending_restart=new_restart,
+            h0=h0,
+            scaled=state.scaled | push,
             progress=progress,
         )
         return self._next_y(y, y_next, progress), new_state, aux
@@ -226,16 +318,19 @@ Anderson.__init__.__doc__ = """**Arguments:**
 - `norm`: a function `PyTree -> scalar` used by the stopping rule and in the
     statistics, e.g. `optx.max_norm` (default), `optx.rms_norm`, `optx.two_norm`.
 - `m`: history size (>= 1): how many past differences the extrapolation uses.
-- `beta`: mixing (damping) parameter in (0, 1]; 1 mixes in the full map value (as
-    for [`fixedpoint.Neumann`][], the weight of the new map value: `1 - damp` in
-    optimistix's terms).
+- `beta`: mixing (damping) parameter in (0, 1]: the initial inverse-Jacobian estimate
+    is `-beta I` (1 mixes in the full map value; as for [`fixedpoint.Neumann`][], the
+    weight of the new map value: `1 - damp` in optimistix's terms), rescaled from the
+    problem as described above.
 - `regularisation`: (>= 0) relative Tikhonov regularisation of the least-squares
     problem (floored at 10 x machine epsilon of the working dtype).
 - `safeguard_factor`: (> 1) restart from the best iterate when a residual exceeds this
     multiple of the best residual seen.
-- `divergence_factor`: (> 1) declare divergence when a residual exceeds this multiple
-    of the best one seen (checked before the safeguard; keep it above
-    `safeguard_factor`).
+- `divergence_factor`: (> 1) a residual above this multiple of the best one seen
+    counts towards divergence (keep it above `safeguard_factor`).
+- `divergence_patience`: (>= 1) declare divergence after this many evaluations in a
+    row with a residual above `divergence_factor` x the best (default 10: the
+    restarts in between shrink the step by at least 2 each).
 - `trace_length`: (>= 0) record the residual norm of the first `trace_length` steps in
     `sol.stats["residual_trace"]`.
 """

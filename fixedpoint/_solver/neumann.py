@@ -37,13 +37,17 @@ class Neumann(AbstractFixedPointRootFinder[Y, Out, Aux, _NeumannState]):
     $y_k$. One evaluation of $g$ per step, so `sol.stats["num_steps"]` counts them.
 
     **Failures:** a non-finite residual gives `RESULTS.nonfinite`; a residual norm
-    larger than `divergence_factor` times the best one so far gives
-    `RESULTS.nonlinear_divergence`; running out of steps gives
+    larger than `divergence_factor` times the best one so far at `divergence_patience`
+    evaluations in a row gives `RESULTS.nonlinear_divergence` (a single rise is not
+    failure; the other methods' safeguards act in between); running out of steps gives
     `RESULTS.nonlinear_max_steps_reached`. After non-finite values or divergence the best
     iterate evaluated is returned (y0 itself if the very first evaluation is
     non-finite; `sol.aux` is then still that of the last evaluation); after running out
     of steps, the final iterate (so `rtol = atol = 0` runs exactly `max_steps` steps, a
     fixed-iteration solver).
+
+    **Dtypes:** float16, bfloat16, float32, float64 and complex states (the residual
+    norms are real).
 
     **Statistics:** `sol.stats["residual_norm"]` is `norm(g(y))` at the last evaluated
     iterate: the returned `y` on success, the best one after non-finite values or
@@ -57,6 +61,7 @@ class Neumann(AbstractFixedPointRootFinder[Y, Out, Aux, _NeumannState]):
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     beta: float = 1.0
     divergence_factor: float = 1e4
+    divergence_patience: int = eqx.field(default=3, converter=as_int)
     trace_length: int = eqx.field(default=0, converter=as_int)
 
     def __check_init__(self) -> None:
@@ -102,8 +107,10 @@ Neumann.__init__.__doc__ = """**Arguments:**
     map value, $y_{k+1} = \\beta f(y_k) + (1 - \\beta) y_k$: optimistix's
     `optx.FixedPointIteration(damp=...)` weighs the old iterate instead, so
     `beta = 1 - damp`.
-- `divergence_factor`: (> 1) declare divergence when the residual norm exceeds this
-    multiple of the smallest one seen.
+- `divergence_factor`: (> 1) a residual norm above this multiple of the smallest one
+    seen counts towards divergence.
+- `divergence_patience`: (>= 1) declare divergence after this many evaluations in a
+    row with a residual above `divergence_factor` x the smallest (default 3).
 - `trace_length`: (>= 0) record the residual norm of the first `trace_length` steps in
     `sol.stats["residual_trace"]`.
 """

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+
 __all__ = [
     "ENV_CACHE_DIR",
     "ENV_MNIST_DIR",
@@ -350,7 +351,11 @@ def download_mnist(
     _, missing = find_mnist_files(directory)
     for gz_name in missing:
         _download_one(
-            gz_name.removesuffix(".gz"), directory, mirrors=mirrors, fetch=fetch, checksums=checksums
+            gz_name.removesuffix(".gz"),
+            directory,
+            mirrors=mirrors,
+            fetch=fetch,
+            checksums=checksums,
         )
     return directory
 
