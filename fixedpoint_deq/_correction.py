@@ -142,6 +142,10 @@ class _RecordingOurs(_Recording, AbstractFixedPointRootFinder):
         return self.solver.divergence_factor  # pyright: ignore[reportAttributeAccessIssue]
 
     @property
+    def divergence_patience(self):  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.solver.divergence_patience  # pyright: ignore[reportAttributeAccessIssue]
+
+    @property
     def trace_length(self):  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.solver.trace_length  # pyright: ignore[reportAttributeAccessIssue]
 
