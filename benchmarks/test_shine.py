@@ -31,7 +31,16 @@ class Cell(eqx.Module):
         return jnp.tanh(self.weight @ z + x)
 
 
-@pytest.mark.parametrize("mode", ["shine", "warm", "precondition"])
+# The exact modes are also checked by every `python -m benchmarks.shine` run (cosine 1 to
+# the exact gradient); in the default test run, the SHINE formula alone.
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "shine",
+        pytest.param("warm", marks=pytest.mark.slow),
+        pytest.param("precondition", marks=pytest.mark.slow),
+    ],
+)
 def test_each_mode_against_its_formula(mode):
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     w = jax.random.normal(k1, (N, N))
