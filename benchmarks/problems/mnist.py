@@ -35,23 +35,26 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def _mnist_cell_fn(z, p, xp):
-    # f(z) = GroupNorm(GELU(conv3x3(z) + bias)) + x_inj on channels-last 28 x 28 x C
-    # states, flattened to n = 784 C; written with ops NumPy, JAX and torch share.
+    # f(z) = GroupNorm(GELU(conv3x3(z) + bias)) + x_inj on channels-last H x H x C states
+    # (H = 28, or 14 behind a stride-2 stem), flattened to n = H^2 C; written with ops
+    # NumPy, JAX and torch share.
     c = p["bias"].shape[-1]
+    hw = p["x"].shape[-1] // c
+    h = int(round(math.sqrt(hw)))
     lead = tuple(z.shape[:-1])
-    u = z.reshape(lead + (28, 28, c))
+    u = z.reshape(lead + (h, h, c))
     zero_row = u[..., :1, :, :] * 0
     u = cat(xp, [zero_row, u, zero_row], -3)
     zero_col = u[..., :, :1, :] * 0
-    u = cat(xp, [zero_col, u, zero_col], -2)  # zero padding: (..., 30, 30, C)
-    patches = cat(xp, [u[..., i : i + 28, j : j + 28, :] for i in range(3) for j in range(3)], -1)
-    y = patches.reshape(lead + (784, 9 * c)) @ p["K"] + p["bias"]
+    u = cat(xp, [zero_col, u, zero_col], -2)  # zero padding: (..., H + 2, H + 2, C)
+    patches = cat(xp, [u[..., i : i + h, j : j + h, :] for i in range(3) for j in range(3)], -1)
+    y = patches.reshape(lead + (hw, 9 * c)) @ p["K"] + p["bias"]
     y = 0.5 * y * (1.0 + xp.tanh(_GELU_C * (y + 0.044715 * y**3)))  # GELU (tanh form)
-    mean = (y.sum(-2) @ p["G"]) / 784  # GroupNorm: per group over space and channels
+    mean = (y.sum(-2) @ p["G"]) / hw  # GroupNorm: per group over space and channels
     d = y - mean[..., None, :]
-    var = ((d * d).sum(-2) @ p["G"]) / 784
+    var = ((d * d).sum(-2) @ p["G"]) / hw
     out = d / ((var + p["eps"]) ** 0.5)[..., None, :] * p["gn_w"] + p["gn_b"]
-    return out.reshape(lead + (784 * c,)) + p["x"]
+    return out.reshape(lead + (hw * c,)) + p["x"]
 
 
 def mnist_data_dir() -> str | None:
@@ -85,11 +88,11 @@ def mnist_deq_cell(
     $$z = f(z) = \mathrm{GroupNorm}\big(\mathrm{GELU}(K * z + c)\big) + x_{\mathrm{inj}},
     \qquad z_0 = 0,$$
 
-    with $z$ a channels-last $28 \times 28 \times C$ state ($n = 784\,C$ unknowns per
-    digit; $C = 12$ for the trained model), $K * z$ the $3 \times 3$ zero-padded
+    with $z$ a channels-last $H \times H \times C$ state ($n = H^2 C$ unknowns per
+    digit; $H = 14$ behind the default stride-2 stem, 28 without it), $K * z$ the $3 \times 3$ zero-padded
     convolution, GELU in its tanh form and GroupNorm with its affine weights, exactly
     `fixedpoint_deq.mnist.model.ConvCell` (a test checks it against the model); the
-    injection $x_{\mathrm{inj}}$ is the model's projection of the first `batch` MNIST
+    injection $x_{\mathrm{inj}}$ is the model's stem applied to the first `batch` MNIST
     test digits. One state per digit, solved per state (as the DEQ layer does).
 
     - ``weights="random"``: the model at its initialisation (`seed`, `width`).
@@ -147,12 +150,11 @@ def mnist_deq_cell(
         model64 = jax.tree_util.tree_map(
             lambda a: jnp.asarray(a, jnp.float64) if eqx.is_inexact_array(a) else a, model
         )
-        x_inj = jax.vmap(
-            lambda im: jnp.moveaxis(model64.project_norm(jax.nn.gelu(model64.project(im))), 0, -1)
-        )(jnp.asarray(images, jnp.float64))
+        x_inj = jax.vmap(model64.inject)(jnp.asarray(images, jnp.float64))
         x_inj = np.asarray(x_inj).reshape(batch, -1)
     cell = model.deq.cell
     c = cell.conv.weight.shape[0]
+    n = x_inj.shape[-1]
     groups = cell.norm.groups
     kernel = np.transpose(np.asarray(cell.conv.weight, np.float64), (2, 3, 1, 0))  # (3, 3, I, O)
     group_of = np.arange(c) // (c // groups)
@@ -171,10 +173,10 @@ def mnist_deq_cell(
         kind="fixed_point",
         fn=_mnist_cell_fn,
         params=params,
-        z0=np.zeros((batch, 784 * c)),
+        z0=np.zeros((batch, n)),
         batch_axes={k: (0 if k == "x" else None) for k in params},
         description=(
-            f"MNIST DEQ cell z = GroupNorm(GELU(conv3x3(z))) + x_inj, C={c} (n={784 * c} per digit), "
+            f"MNIST DEQ cell z = GroupNorm(GELU(conv3x3(z))) + x_inj, C={c} (n={n} per digit), "
             f"{batch} test digits, weights from the {where}"
         ),
         source="fixedpoint_deq.mnist (conv DEQ cell, Bai et al. 2019); MNIST test digits",

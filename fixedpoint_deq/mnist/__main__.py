@@ -14,7 +14,7 @@ from .config import Config, GROUPS
 
 
 #: What `--quick` sets (each can still be overridden by giving the option explicitly).
-QUICK = dict(epochs=1, train_subset=30000, warmup_steps=50)
+QUICK = dict(epochs=1, augment_shift=0, warmup_steps=100)
 
 _EPILOG = """\
 data:

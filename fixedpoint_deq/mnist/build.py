@@ -30,9 +30,13 @@ def make_solver(config: Config, tol: float | None = None) -> fp.AbstractFixedPoi
 def make_adjoint(config: Config) -> optx.AbstractAdjoint:
     """The backward pass. For `implicit`, the backward linear solve stops on a purely
     relative rule (the cotangent's scale depends on the batch size, so an absolute
-    tolerance would be meaningless): ``rms(r / (1e-9 + tol * |w|)) < 1``."""
+    tolerance would be meaningless): ``rms(r / (1e-9 + tol * |w|)) < 1``. `unrolled`
+    is optimistix's `RecursiveCheckpointAdjoint`: backpropagation through the forward
+    solver's iterations (the ablation of the DEQ)."""
     if config.backward == "jfb":
         return fp.JacobianFreeAdjoint()
+    if config.backward == "unrolled":
+        return optx.RecursiveCheckpointAdjoint()
     if config.backward == "phantom":
         return fp.PhantomAdjoint(steps=config.phantom_steps, beta=config.phantom_beta)
     kwargs: dict[str, Any] = dict(
@@ -68,7 +72,9 @@ def make_model(config: Config, key: jax.Array | None = None) -> DEQClassifier:
         adjoint=make_adjoint(config),
         max_steps=config.max_steps,
         groups=config.groups,
-        head=cast(Literal["mean", "pool4"], config.head),  # checked by Config.check
+        head=cast(Literal["mean", "pool4", "pool7"], config.head),  # checked by Config.check
+        stem_stride=config.stem_stride,
+        stem_width=config.stem_width,
         dropout=config.dropout,
         eval_max_steps=config.eval_max_steps,
         eval_solver=None

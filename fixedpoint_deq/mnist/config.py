@@ -21,7 +21,7 @@ from .model import HEADS
 
 FORWARD_SOLVERS = ("anderson", "broyden", "neumann")
 NORMS = ("none", "weight", "spectral")
-BACKWARD_MODES = ("implicit", "jfb", "phantom")
+BACKWARD_MODES = ("implicit", "jfb", "phantom", "unrolled")
 BACKWARD_SOLVERS = ("anderson", "broyden", "neumann")
 
 #: The groups of ``--help``, in order.
@@ -36,7 +36,7 @@ GROUPS = (
 
 # Settings that shape the model or the data stream: a resumed run must agree on them.
 RESUME_KEYS = ("width", "groups", "head", "seed", "batch_size", "train_subset", "augment_shift")
-RESUME_KEYS += ("norm", "dropout")  # they change the model's leaves
+RESUME_KEYS += ("norm", "dropout", "stem_stride", "stem_width")  # they change the model's leaves
 
 #: The sizes of MNIST's training and test sets.
 MNIST_TRAIN_SIZE = 60000
@@ -59,6 +59,8 @@ NOT_IN_STEP = (
 
 # Names of fields in checkpoints written by earlier versions.
 _RENAMED = {"phantom_damping": "phantom_beta"}
+# The values of later settings in checkpoints written before they existed.
+_LEGACY = {"stem_stride": 1, "stem_width": 16}
 
 
 class SetupError(ValueError):
@@ -145,7 +147,7 @@ class Config:
         metavar="DIR",
     )
     epochs: int = option(
-        3, "data and schedule", "training epochs (default {default})", rule=POSITIVE
+        10, "data and schedule", "training epochs (default {default})", rule=POSITIVE
     )
     batch_size: int = option(
         64,
@@ -182,11 +184,24 @@ class Config:
     )
     # Model.
     width: int = option(
-        12, "model", "channels C of the DEQ state (default {default})", rule=POSITIVE
+        48, "model", "channels C of the DEQ state (default {default})", rule=POSITIVE
     )
     groups: int = option(1, "model", "GroupNorm groups (default {default})", rule=POSITIVE)
+    stem_stride: int = option(
+        2,
+        "model",
+        "stride of the stem: 1 keeps the DEQ state at 28x28, 2 downsamples it to 14x14 "
+        "(a stride-2 convolution after a --stem-width convolution) (default {default})",
+        rule=Integer(1, 2),
+    )
+    stem_width: int = option(
+        16,
+        "model",
+        "channels of the first stem convolution of --stem-stride 2 (default {default})",
+        rule=POSITIVE,
+    )
     head: str = option(
-        "pool4",
+        "pool7",
         "model",
         "classifier head: 'mean' = global mean pool + Linear(C, 10) (the seed's), "
         "'pool4' = 4x4 average pool + Linear(16 C, 10) (default {default})",
@@ -231,7 +246,9 @@ class Config:
         "phantom",
         "backward pass",
         "'implicit' (implicit differentiation with a backward linear solve), 'jfb' "
-        "(Jacobian-free) or 'phantom' (damped unrolled steps) (default {default})",
+        "(Jacobian-free), 'phantom' (damped unrolled steps) or 'unrolled' (backpropagation "
+        "through every forward step: with --solver neumann --fwd-tol 0 --max-steps K, the "
+        "weight-tied K-layer network, not a DEQ; the ablation) (default {default})",
         choices=BACKWARD_MODES,
     )
     backward_solver: str = option(
@@ -273,7 +290,7 @@ class Config:
         rule=Real(0.0),
     )
     augment_shift: int = option(
-        0,
+        2,
         "data and schedule",
         "random translations of up to PIXELS (default {default}: off)",
         metavar="PIXELS",
@@ -427,6 +444,17 @@ class Config:
                 check_bool(field.name, value)
             elif not isinstance(value, (str, os.PathLike)):
                 raise ValueError(f"`{field.name}` must be a path, got {value!r}.")
+        side = 28 // self.stem_stride
+        grid = {"mean": 1, "pool4": 4, "pool7": 7}[self.head]
+        if side % grid:
+            raise ValueError(
+                f"`head` {self.head!r} pools to a {grid}x{grid} grid, which does not divide "
+                f"the {side}x{side} DEQ state of `stem_stride` {self.stem_stride}."
+            )
+        if self.stem_stride > 1 and self.stem_width % self.groups:
+            raise ValueError(
+                f"`groups` ({self.groups}) must divide `stem_width` ({self.stem_width})."
+            )
         if self.width % self.groups:
             raise ValueError(
                 f"`groups` ({self.groups}) must divide `width` ({self.width}): GroupNorm "
@@ -460,6 +488,8 @@ class Config:
         ones are read under their new name)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {_RENAMED.get(k, k): v for k, v in saved.items()}
+        # Settings added later: a checkpoint without them was trained with these.
+        values = {**_LEGACY, **values}
         return cls(**{k: v for k, v in values.items() if k in fields})
 
     def correction_steps(self) -> tuple[int, ...]:

@@ -1,5 +1,5 @@
 """The metrics of a run: ``metrics.jsonl`` (one JSON object per epoch) and the plot
-``metrics.png`` (accuracy, loss and solver steps per epoch)."""
+``metrics.png`` (training curves per window of steps, evaluations per epoch)."""
 
 from __future__ import annotations
 
@@ -24,32 +24,56 @@ def write_metrics(out_dir: str | os.PathLike, history: Sequence[dict]) -> None:
 
 
 def plot_metrics(history: Sequence[dict], path: str | os.PathLike) -> None:
-    """Accuracy, loss and solver steps per epoch, as a PNG (matplotlib, Agg)."""
+    """The run as a PNG (matplotlib, Agg), against training examples seen: error rate
+    (log scale), cross-entropy (log scale), forward and backward solver steps per
+    sample. Training is drawn per window of steps (the epoch records' ``curve``),
+    the test-set evaluations as points at the end of each epoch; so that a one-epoch
+    run draws a curve, not one dot per panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    curve = [p for h in history for p in h.get("curve", ())]
+    ends = [_examples(h, i) for i, h in enumerate(history)]
+    x_curve = [p["examples"] for p in curve]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+
+    def train_line(ax, key, scale=1.0, label="train"):
+        if curve:
+            ax.plot(x_curve, [scale * p[key] for p in curve], "-", lw=1, label=label)
+
+    def test_points(ax, key, scale=1.0, label="test"):
+        ax.plot(ends, [scale * h[key] for h in history], "o", ms=6, label=label)
+
     ax = axes[0]
-    ax.plot(epochs, [100 * h["train_acc"] for h in history], "o-", label="train")
-    ax.plot(epochs, [100 * h["test_acc"] for h in history], "s-", label="test")
-    ax.set(title="accuracy (%)", xlabel="epoch")
-    ax.legend()
+    if curve:
+        ax.plot(x_curve, [100 * (1 - p["acc"]) for p in curve], "-", lw=1, label="train")
+    ax.plot(ends, [100 * (1 - h["test_acc"]) for h in history], "o", ms=6, label="test")
+    for h, x in zip(history, ends):
+        ax.annotate(
+            f"{100 * h['test_acc']:.2f}%",
+            (x, 100 * (1 - h["test_acc"])),
+            fontsize=8,
+            textcoords="offset points",
+            xytext=(4, 4),
+        )
+    ax.set(title="error rate (%)", yscale="log")
     ax = axes[1]
-    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax.plot(epochs, [h["test_loss"] for h in history], "s-", label="test")
-    ax.set(title="cross-entropy", xlabel="epoch", yscale="log")
-    ax.legend()
+    train_line(ax, "loss")
+    test_points(ax, "test_loss")
+    ax.set(title="cross-entropy", yscale="log")
     ax = axes[2]
-    ax.plot(epochs, [h["fwd_steps"] for h in history], "o-", label="forward (train)")
-    ax.plot(epochs, [h["test_fwd_steps"] for h in history], "s-", label="forward (test)")
-    ax.plot(epochs, [h["bwd_steps"] for h in history], "^-", label="backward")
-    ax.set(title="mean solver steps per sample", xlabel="epoch")
-    ax.legend()
+    train_line(ax, "fwd_steps", label="train")
+    test_points(ax, "test_fwd_steps")
+    ax.set(title="forward solver steps per sample")
+    ax = axes[3]
+    train_line(ax, "bwd_steps", label="train")
+    ax.set(title="backward solver steps per sample")
     for ax in axes:
+        ax.set_xlabel("training examples seen")
         ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
 
     def save(p):
@@ -58,3 +82,12 @@ def plot_metrics(history: Sequence[dict], path: str | os.PathLike) -> None:
 
     atomic_write(Path(path), save)
     plt.close(fig)
+
+
+def _examples(record: dict, index: int) -> float:
+    """Training examples seen at the end of an epoch record (its epoch number for the
+    records of older runs, which did not count them)."""
+    if "examples" in record:
+        return record["examples"]
+    curve = record.get("curve")
+    return curve[-1]["examples"] if curve else float(record.get("epoch", index + 1))

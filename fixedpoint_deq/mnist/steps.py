@@ -92,7 +92,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> 
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         total = jnp.mean(ce) + jac_weight * jnp.mean(record.jac_reg)
         if weights:
-            # record.states: (batch, len(weights), 28, 28, C); their logits likewise.
+            # record.states: (batch, len(weights), H, W, C); their logits likewise.
             state_logits = jax.vmap(jax.vmap(model.logits))(record.states)
             for j, w in enumerate(weights):
                 total = total + w * jnp.mean(
@@ -114,8 +114,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> 
         (total, aux), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(
             model, images, labels, key, jac_on, z0
         )
-        stats = backward_stats(grads)
-        assert stats is not None  # every adjoint of `make_adjoint` carries statistics
+        stats = backward_stats(grads)  # None for `unrolled` (no backward solver)
         grads = without_backward_stats(grads)
         model, opt_state, finite = guarded_update(optimizer, grads, model, opt_state, total)
         if has_normalisation(model):
@@ -125,8 +124,10 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> 
                 lambda a, b: jnp.where(finite, a, b) if eqx.is_array(a) else a, advanced, model
             )
         batch = images.shape[0]
-        # Backward statistics are summed over the vmapped batch: take the mean.
-        bwd_steps = stats.num_steps / batch
+        if stats is None:  # `unrolled`: backpropagation through each forward step once
+            bwd_steps = aux["fwd_steps"]
+        else:  # summed over the vmapped batch: take the mean
+            bwd_steps = stats.num_steps / batch
         aux["bwd_steps"] = jnp.asarray(bwd_steps, jnp.float32)
         aux["total"] = total
         aux["finite"] = finite

@@ -132,6 +132,10 @@ class Result:
     epoch: int
 
 
+#: Points per epoch of the per-step training curve (``record["curve"]``).
+CURVE_POINTS = 40
+
+
 def evaluate(
     model,
     images: np.ndarray,
@@ -248,7 +252,9 @@ def train(
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     history: list[dict] = []
     start_epoch = 1
-    warm = WarmStarts(n, config.width) if config.reuse_fixed_points else None
+    warm = (
+        WarmStarts(n, config.width, 28 // config.stem_stride) if config.reuse_fixed_points else None
+    )
     schedule = JacobianRegSchedule(config.jac_reg, every=config.jac_reg_every)
     if config.resume:
 
@@ -277,6 +283,8 @@ def train(
     sharding = batch_sharding(mesh)
     last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
 
+    # Points of the training curve: about CURVE_POINTS per epoch.
+    curve_every = max(1, steps_per_epoch // CURVE_POINTS)
     if progress and is_main:
         from tqdm.auto import tqdm
     for epoch in range(start_epoch, last_epoch + 1):
@@ -284,6 +292,8 @@ def train(
         order = epoch_order(config.seed, epoch, n)
         sums: dict[str, float] = {}
         applied = skipped = 0
+        curve: list[dict[str, float]] = []
+        window: dict[str, float] = {}
         bar = None
         if progress and is_main:
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=True)
@@ -307,12 +317,22 @@ def train(
                 applied += 1
                 for k in ("loss", "acc", "fwd_steps", "fwd_converged", "bwd_steps"):
                     sums[k] = sums.get(k, 0.0) + m[k]
+                    window[k] = window.get(k, 0.0) + m[k]
+                window["steps"] = window.get("steps", 0) + 1
                 if reg_on:
                     sums["jac_reg"] = sums.get("jac_reg", 0.0) + m["jac_reg"]
                     sums["jac_reg_steps"] = sums.get("jac_reg_steps", 0) + 1
             else:
                 skipped += 1
                 log(f"epoch {epoch} step {s}: non-finite loss, gradient or update: skipped")
+            if (s + 1) % curve_every == 0 or s + 1 == steps_per_epoch:
+                # One point of the per-step training curve: the window's means.
+                if window.get("steps"):
+                    w = window.pop("steps")
+                    point = {k: v / w for k, v in window.items()}
+                    point["examples"] = ((epoch - 1) * steps_per_epoch + s + 1) * config.batch_size
+                    curve.append(point)
+                window = {}
             if bar is not None:
                 d = max(applied, 1)
                 bar.set_postfix(
@@ -337,6 +357,8 @@ def train(
             jac_reg=sums.get("jac_reg", math.nan) / max(sums.get("jac_reg_steps", 0), 1),
             jac_reg_steps=sums.get("jac_reg_steps", 0),
             skipped=skipped,
+            examples=epoch * steps_per_epoch * config.batch_size,
+            curve=curve,
         )
         if warm is not None:
             record["warm_start_rate"] = warm.take_hit_rate()

@@ -40,10 +40,10 @@ def _lookup(cache: FixedPointCache, indices):
 
 class WarmStarts:
     """The cache of a run over `size` training digits with DEQ states of shape
-    ``(28, 28, width)`` (float32)."""
+    ``(side, side, width)`` (float32; `side` is 28, or 14 with a stride-2 stem)."""
 
-    def __init__(self, size: int, width: int):
-        self.like = jax.ShapeDtypeStruct((28, 28, width), jnp.float32)
+    def __init__(self, size: int, width: int, side: int = 28):
+        self.like = jax.ShapeDtypeStruct((side, side, width), jnp.float32)
         self.cache = FixedPointCache(size, self.like)
         self.hits = 0
         self.lookups = 0
