@@ -91,7 +91,8 @@ def _parse(argv):
         "--mnist-checkpoint",
         metavar="DIR",
         help="checkpoint directory of the trained MNIST DEQ (default: $FIXEDPOINT_MNIST_CHECKPOINT, "
-        "else runs/mnist/ckpt, which the README's main command writes); without one the "
+        "else runs/mnist-full/ckpt, the default full run's, else runs/mnist/ckpt, which the "
+        "README's main command writes); without one the "
         "mnist-deq-trained problems are listed as not run",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -15,11 +15,14 @@ from fixedpoint_deq.mnist.data import ENV_MNIST_DIR
 from .base import cat, named, Problem, Unavailable
 
 
-#: Where the trained MNIST DEQ is looked for: ``$FIXEDPOINT_MNIST_CHECKPOINT``, else
-#: `DEFAULT_MNIST_CHECKPOINT` (relative to the repository root), where the README's main
-#: command writes it. The digits: ``$FIXEDPOINT_MNIST_DIR`` (see `mnist_deq_cell`).
+#: Where the trained MNIST DEQ is looked for: ``$FIXEDPOINT_MNIST_CHECKPOINT``, else the
+#: first of `DEFAULT_MNIST_CHECKPOINTS` (relative to the repository root) that holds a
+#: checkpoint: the default full run's (``runs/mnist-full/ckpt``, see the README's MNIST
+#: section), else the README's main command's quick run. The digits:
+#: ``$FIXEDPOINT_MNIST_DIR`` (see `mnist_deq_cell`).
 ENV_MNIST_CHECKPOINT = "FIXEDPOINT_MNIST_CHECKPOINT"
-DEFAULT_MNIST_CHECKPOINT = "runs/mnist/ckpt"
+DEFAULT_MNIST_CHECKPOINTS = ("runs/mnist-full/ckpt", "runs/mnist/ckpt")
+DEFAULT_MNIST_CHECKPOINT = DEFAULT_MNIST_CHECKPOINTS[-1]
 
 #: Environment variables that say where this problem's inputs are.
 INPUT_VARIABLES = (ENV_MNIST_CHECKPOINT, ENV_MNIST_DIR)
@@ -69,9 +72,11 @@ def mnist_data_dir() -> str | None:
 def _mnist_checkpoint(checkpoint):
     if checkpoint is not None:
         return Path(checkpoint)
-    path = os.environ.get(ENV_MNIST_CHECKPOINT) or DEFAULT_MNIST_CHECKPOINT
-    path = Path(path)
-    return path if path.is_absolute() else _ROOT / path
+    if os.environ.get(ENV_MNIST_CHECKPOINT):
+        path = Path(os.environ[ENV_MNIST_CHECKPOINT])
+        return path if path.is_absolute() else _ROOT / path
+    candidates = [_ROOT / p for p in DEFAULT_MNIST_CHECKPOINTS]
+    return next((p for p in candidates if (p / "checkpoint.json").is_file()), candidates[-1])
 
 
 def _mnist_name(weights, batch=8, width=12, seed=0, checkpoint=None):
@@ -97,8 +102,9 @@ def mnist_deq_cell(
 
     - ``weights="random"``: the model at its initialisation (`seed`, `width`).
     - ``weights="trained"``: the model of the checkpoint in `checkpoint`, else
-      ``$FIXEDPOINT_MNIST_CHECKPOINT``, else ``runs/mnist/ckpt`` (which the README's
-      main command writes). Training shapes the cell's Jacobian (the Jacobian
+      ``$FIXEDPOINT_MNIST_CHECKPOINT``, else ``runs/mnist-full/ckpt`` (the default full
+      run's, see the README), else ``runs/mnist/ckpt`` (which the README's main command
+      writes). Training shapes the cell's Jacobian (the Jacobian
       regulariser pushes it towards a contraction, the loss away from one), so the
       two differ in difficulty.
 

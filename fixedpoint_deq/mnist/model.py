@@ -2,20 +2,22 @@
 
 Per sample (an image ``(1, 28, 28)``, normalised):
 
-1. injection ``x_inj = GroupNorm(GELU(Conv(1 -> C, 3x3, padding 1)(image)))``;
+1. the stem, the injection ``x_inj``: with ``stem_stride=2`` (the trainer's default)
+   ``Conv(1 -> S, 3x3) -> GELU -> GroupNorm`` then a stride-2
+   ``Conv(S -> C, 3x3) -> GELU -> GroupNorm``, a ``(14, 14, C)`` state; with
+   ``stem_stride=1`` (the seed's) ``GroupNorm(GELU(Conv(1 -> C, 3x3)(image)))`` at 28x28;
 2. the DEQ: ``z* = f(z*, x_inj)`` with the cell
    ``f(z, x_inj) = GroupNorm(GELU(Conv(C -> C, 3x3, padding 1)(z))) + x_inj``,
    from ``z0 = 0``;
 3. the head: pool ``z*`` over space and classify with ``Linear``. ``head="mean"`` is
-   a global mean pool then ``Linear(C -> 10)``; ``head="pool4"`` (the default)
-   average-pools to a 4x4 grid
-   (7x7 windows) and classifies ``C * 16`` features with ``Linear(C * 16 -> 10)``.
+   a global mean pool then ``Linear(C -> 10)``; ``head="pool4"`` / ``"pool7"``
+   average-pool to a 4x4 / 7x7 grid and classify ``16 C`` / ``49 C`` features.
 
 The model is called on ONE sample; `jax.vmap` it over a batch (each sample's forward
 solve then stops on its own tolerance and reports its own `DEQRecord`).
 
 **Layout (performance).** The parameters are ordinary `eqx.nn.Conv2d` /
-`eqx.nn.GroupNorm` layers, but the DEQ state is kept channels-last, ``(28, 28, C)``,
+`eqx.nn.GroupNorm` layers, but the DEQ state is kept channels-last, ``(H, W, C)``,
 and the cell's convolution is `conv3x3`: XLA's CPU backend runs a channels-first
 convolution, or the transposed convolution of its reverse mode, several times slower inside
 a `while_loop` (where the forward and backward solvers call the cell) than outside one.
