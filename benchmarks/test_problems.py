@@ -206,9 +206,10 @@ def _model_cell_residual(model, problem, z):
     """F(z) = f(z) - z computed by the model's own cell (float32, channels-last)."""
     import jax
 
-    c = problem.dim // 784
-    z4 = jnp.asarray(z.reshape(-1, 28, 28, c), jnp.float32)
-    x4 = jnp.asarray(problem.params["x"].reshape(-1, 28, 28, c), jnp.float32)
+    h = model.state_side
+    c = problem.dim // (h * h)
+    z4 = jnp.asarray(z.reshape(-1, h, h, c), jnp.float32)
+    x4 = jnp.asarray(problem.params["x"].reshape(-1, h, h, c), jnp.float32)
     out = jax.vmap(model.deq.cell)(z4, x4)
     return np.asarray(out, np.float64).reshape(z.shape) - z
 
@@ -230,7 +231,7 @@ def test_mnist_random_cell_is_the_model_cell():
     _check_against_model(problem, model)
     # The injection is the model's projection of the first test digits (not zeros).
     assert np.abs(problem.params["x"]).max() > 1.0
-    assert problem.dim == 784 * 4 and problem.batch_size == 2
+    assert problem.dim == model.state_side**2 * 4 and problem.batch_size == 2
 
 
 def test_mnist_trained_cell_from_a_checkpoint(tmp_path, monkeypatch, compile_cache):
@@ -261,7 +262,8 @@ def test_mnist_trained_cell_from_a_checkpoint(tmp_path, monkeypatch, compile_cac
         result = tr.train(config, progress=False)
     monkeypatch.setenv(problems.ENV_MNIST_CHECKPOINT, str(tmp_path / "ckpt"))
     problem = problems.mnist_deq_cell(weights="trained", batch=2)
-    assert "epoch 1" in problem.description and problem.dim == 784 * 4
+    assert "epoch 1" in problem.description
+    assert problem.dim == result.model.state_side**2 * 4
     _check_against_model(problem, result.model)
     z = problem.reference()
     assert problem.relative_residual(z) < 1e-12

@@ -117,7 +117,7 @@ def _entries() -> list[Spec]:
         out.append(spec(h_equation, grids=DEFAULT, n=500, c=c))
     out.append(spec(bratu2d, grids=DEFAULT, grid=32, lam=6.0))
     out.append(spec(broyden_tridiagonal, grids=DEFAULT, n=1000))
-    out.append(spec(mnist_deq_cell, grids=DEFAULT, weights="random", batch=4))
+    out.append(spec(mnist_deq_cell, grids=DEFAULT, weights="random", batch=4, width=48))
     out.append(spec(mnist_deq_cell, grids=DEFAULT, weights="trained", batch=4))
 
     # Full: the bigger grid of the issue (report --full; `slow` in the tests).
@@ -134,7 +134,7 @@ def _entries() -> list[Spec]:
     out.append(spec(bratu2d, grids=FULL, grid=32, lam=1.0))
     out.append(spec(bratu2d, grids=FULL, grid=64, lam=6.5))
     out.append(spec(broyden_tridiagonal, grids=FULL, n=10000))
-    out.append(spec(mnist_deq_cell, grids=FULL, weights="random", batch=32))
+    out.append(spec(mnist_deq_cell, grids=FULL, weights="random", batch=32, width=48))
     out.append(spec(mnist_deq_cell, grids=FULL, weights="trained", batch=32))
     return out
 

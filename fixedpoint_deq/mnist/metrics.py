@@ -33,6 +33,7 @@ def plot_metrics(history: Sequence[dict], path: str | os.PathLike) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     curve = [p for h in history for p in h.get("curve", ())]
     ends = [_examples(h, i) for i, h in enumerate(history)]
@@ -50,15 +51,10 @@ def plot_metrics(history: Sequence[dict], path: str | os.PathLike) -> None:
     if curve:
         ax.plot(x_curve, [100 * (1 - p["acc"]) for p in curve], "-", lw=1, label="train")
     ax.plot(ends, [100 * (1 - h["test_acc"]) for h in history], "o", ms=6, label="test")
-    for h, x in zip(history, ends):
-        ax.annotate(
-            f"{100 * h['test_acc']:.2f}%",
-            (x, 100 * (1 - h["test_acc"])),
-            fontsize=8,
-            textcoords="offset points",
-            xytext=(4, 4),
-        )
-    ax.set(title="error rate (%)", yscale="log")
+    ax.set(
+        title=f"error rate (%); final test accuracy {100 * history[-1]['test_acc']:.2f}%",
+        yscale="log",
+    )
     ax = axes[1]
     train_line(ax, "loss")
     test_points(ax, "test_loss")
@@ -70,8 +66,10 @@ def plot_metrics(history: Sequence[dict], path: str | os.PathLike) -> None:
     ax = axes[3]
     train_line(ax, "bwd_steps", label="train")
     ax.set(title="backward solver steps per sample")
+    thousands = FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v else "0")
     for ax in axes:
         ax.set_xlabel("training examples seen")
+        ax.xaxis.set_major_formatter(thousands)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
