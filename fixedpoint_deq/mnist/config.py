@@ -16,7 +16,7 @@ from typing import Any
 
 from fixedpoint._validate import check_bool, check_choice, check_int, check_real
 
-from .model import HEADS
+from .model import head_grid, HEADS
 
 
 FORWARD_SOLVERS = ("anderson", "broyden", "neumann")
@@ -444,13 +444,7 @@ class Config:
                 check_bool(field.name, value)
             elif not isinstance(value, (str, os.PathLike)):
                 raise ValueError(f"`{field.name}` must be a path, got {value!r}.")
-        side = 28 // self.stem_stride
-        grid = {"mean": 1, "pool4": 4, "pool7": 7}[self.head]
-        if side % grid:
-            raise ValueError(
-                f"`head` {self.head!r} pools to a {grid}x{grid} grid, which does not divide "
-                f"the {side}x{side} DEQ state of `stem_stride` {self.stem_stride}."
-            )
+        head_grid(self.head, self.stem_stride)
         if self.stem_stride > 1 and self.stem_width % self.groups:
             raise ValueError(
                 f"`groups` ({self.groups}) must divide `stem_width` ({self.stem_width})."

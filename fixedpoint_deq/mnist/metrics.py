@@ -40,31 +40,30 @@ def plot_metrics(history: Sequence[dict], path: str | os.PathLike) -> None:
     x_curve = [p["examples"] for p in curve]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
 
-    def train_line(ax, key, scale=1.0, label="train"):
+    def train_line(ax, value):
         if curve:
-            ax.plot(x_curve, [scale * p[key] for p in curve], "-", lw=1, label=label)
+            ax.plot(x_curve, [value(p) for p in curve], "-", lw=1, label="train")
 
-    def test_points(ax, key, scale=1.0, label="test"):
-        ax.plot(ends, [scale * h[key] for h in history], "o", ms=6, label=label)
+    def test_points(ax, value):
+        ax.plot(ends, [value(h) for h in history], "o", ms=6, label="test")
 
     ax = axes[0]
-    if curve:
-        ax.plot(x_curve, [100 * (1 - p["acc"]) for p in curve], "-", lw=1, label="train")
-    ax.plot(ends, [100 * (1 - h["test_acc"]) for h in history], "o", ms=6, label="test")
+    train_line(ax, lambda p: 100 * (1 - p["acc"]))
+    test_points(ax, lambda h: 100 * (1 - h["test_acc"]))
     ax.set(
         title=f"error rate (%); final test accuracy {100 * history[-1]['test_acc']:.2f}%",
         yscale="log",
     )
     ax = axes[1]
-    train_line(ax, "loss")
-    test_points(ax, "test_loss")
+    train_line(ax, lambda p: p["loss"])
+    test_points(ax, lambda h: h["test_loss"])
     ax.set(title="cross-entropy", yscale="log")
     ax = axes[2]
-    train_line(ax, "fwd_steps", label="train")
-    test_points(ax, "test_fwd_steps")
+    train_line(ax, lambda p: p["fwd_steps"])
+    test_points(ax, lambda h: h["test_fwd_steps"])
     ax.set(title="forward solver steps per sample")
     ax = axes[3]
-    train_line(ax, "bwd_steps", label="train")
+    train_line(ax, lambda p: p["bwd_steps"])
     ax.set(title="backward solver steps per sample")
     thousands = FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v else "0")
     for ax in axes:

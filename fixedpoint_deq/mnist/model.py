@@ -40,7 +40,9 @@ from .._dropout import VariationalDropout
 from .._layer import DEQ, DEQRecord
 
 
-HEADS = ("mean", "pool4", "pool7")
+#: The heads and the side of the grid each pools the state to.
+HEAD_GRIDS = {"mean": 1, "pool4": 4, "pool7": 7}
+HEADS = tuple(HEAD_GRIDS)
 STEM_STRIDES = (1, 2)
 
 #: Mean and standard deviation of the MNIST training pixels (in [0, 1]).
@@ -103,6 +105,18 @@ def _norm_hwc(norm: eqx.nn.GroupNorm, y: Array) -> Array:
     if norm.weight is not None and norm.bias is not None:  # channelwise_affine
         out = norm.weight.astype(dtype) * out + norm.bias.astype(dtype)
     return out.astype(y.dtype)
+
+
+def head_grid(head: str, stem_stride: int) -> int:
+    """The side of the grid `head` pools to; raises `ValueError` (naming `head`) when it
+    does not divide the DEQ state of `stem_stride` (28 / stem_stride on a side)."""
+    side, grid = 28 // stem_stride, HEAD_GRIDS[head]
+    if side % grid:
+        raise ValueError(
+            f"`head` {head!r} pools to a {grid}x{grid} grid, which does not divide the "
+            f"{side}x{side} DEQ state of `stem_stride` {stem_stride}."
+        )
+    return grid
 
 
 def _groups(channels: int, groups: int) -> int:
@@ -192,13 +206,7 @@ class DEQClassifier(eqx.Module):
             eval_solver=eval_solver,
             correction=correction,
         )
-        side = 28 // stem_stride
-        grid = {"mean": 1, "pool4": 4, "pool7": 7}[head]
-        if side % grid:
-            raise ValueError(
-                f"`head` {head!r} pools to a {grid}x{grid} grid, which does not divide the "
-                f"{side}x{side} state of `stem_stride` {stem_stride}."
-            )
+        grid = head_grid(head, stem_stride)
         self.head = eqx.nn.Linear(width * grid * grid, 10, key=k_head)
         self.head_kind = head
 
@@ -209,7 +217,7 @@ class DEQClassifier(eqx.Module):
 
     def features(self, z: Float[Array, "H W C"]) -> Float[Array, " F"]:
         """Pooled features of the (channels-last) fixed point."""
-        grid = {"mean": 1, "pool4": 4, "pool7": 7}[self.head_kind]
+        grid = HEAD_GRIDS[self.head_kind]
         h, w, c = z.shape
         return z.reshape(grid, h // grid, grid, w // grid, c).mean(axis=(1, 3)).reshape(-1)
 

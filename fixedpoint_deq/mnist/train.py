@@ -252,9 +252,7 @@ def train(
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     history: list[dict] = []
     start_epoch = 1
-    warm = (
-        WarmStarts(n, config.width, 28 // config.stem_stride) if config.reuse_fixed_points else None
-    )
+    warm = WarmStarts(n, config.width, model.state_side) if config.reuse_fixed_points else None
     schedule = JacobianRegSchedule(config.jac_reg, every=config.jac_reg_every)
     if config.resume:
 
