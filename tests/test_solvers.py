@@ -795,3 +795,53 @@ def test_neumann_partial_sums(k, beta, enable_x64):
         np.max(np.abs(a @ last + b - last)),
         rtol=1e-12,
     )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "complex128"])
+@pytest.mark.parametrize("seed", range(4))
+def test_anderson_coefficients_match_least_squares(dtype, seed, enable_x64):
+    """Anderson's small solve (normal equations with unit-scaled columns, by Gauss-Jordan
+    elimination without pivoting) against an independent NumPy least-squares solution
+    of the same regularised problem, with empty columns, a nearly collinear pair
+    (condition number ~1e6 before regularisation) and the ring buffer's arbitrary
+    column order."""
+    from fixedpoint._solver.anderson import anderson_coefficients
+
+    rng = np.random.default_rng(seed)
+    m, n, reg = 6, 40, 1e-8 if dtype != "float32" else 1e-5
+    complex_ = dtype.startswith("complex")
+
+    def draw(*shape):
+        a = rng.standard_normal(shape)
+        return a + 1j * rng.standard_normal(shape) if complex_ else a
+
+    dr = draw(m, n) * rng.uniform(1e-3, 1e3, (m, 1))  # columns of very different sizes
+    dr[2] = dr[4] * 0.7 + 1e-6 * np.linalg.norm(dr[4]) * draw(n) / np.sqrt(n)
+    valid = np.ones(m, bool)
+    valid[[1, 5][: seed % 3]] = False  # 0, 1 or 2 empty columns
+    dr[~valid] = 0
+    r = draw(n)
+    gram = np.conj(dr) @ dr.T
+    gamma = anderson_coefficients(
+        jnp.asarray(gram, dtype), jnp.asarray(np.conj(dr) @ r, dtype), jnp.asarray(valid), reg
+    )
+    # Reference: min |r - A gamma|^2 + reg |D gamma|^2 over the valid columns, as one
+    # stacked least-squares problem (no normal equations).
+    a = dr[valid].T
+    d = np.linalg.norm(a, axis=0)
+    stacked = np.concatenate([a, np.sqrt(reg) * np.diag(d)])
+    ref_valid = np.linalg.lstsq(stacked, np.concatenate([r, np.zeros(valid.sum())]), rcond=None)[0]
+    ref = np.zeros(m, ref_valid.dtype)
+    ref[valid] = ref_valid
+    gamma = np.asarray(gamma)
+    assert np.all(gamma[~valid] == 0)
+    # What matters is the residual of the mixing, compared in the objective's units.
+    objective = lambda g: (
+        np.linalg.norm(r - a @ g[valid]) ** 2 + reg * np.linalg.norm(d * g[valid]) ** 2
+    )
+    tol = 1e-3 if dtype == "float32" else 1e-9
+    assert objective(gamma) <= objective(ref) * (1 + tol) + tol * np.linalg.norm(r) ** 2
+    scale = np.linalg.norm(d * ref_valid)
+    np.testing.assert_allclose(
+        d * gamma[valid], d * ref_valid, atol=(1e-2 if dtype == "float32" else 1e-6) * max(scale, 1)
+    )

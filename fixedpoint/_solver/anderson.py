@@ -39,6 +39,27 @@ class _AndersonState(eqx.Module):
     progress: Progress
 
 
+def _solve_hpd(a: Array, b: Array) -> Array:
+    """Solve the small Hermitian positive definite system `a x = b` by Gauss-Jordan
+    elimination without pivoting (stable for such matrices: every pivot is positive).
+
+    A loop of `m` vectorised eliminations (a few fused operations each) instead of
+    `jnp.linalg.solve`, whose LU factorisation is an opaque LAPACK call followed by a
+    loop that turns its pivots into a permutation: pivoting is not needed here, and on
+    small problems that machinery cost more than the rest of a step."""
+    m = a.shape[0]
+    ab = jnp.concatenate([a, b[:, None]], axis=1)
+    rows = jnp.arange(m)
+
+    def eliminate(k, ab):
+        pivot_row = ab[k] / ab[k, k]
+        factors = jnp.where(rows == k, 0, ab[:, k])
+        ab = ab - factors[:, None] * pivot_row[None, :]
+        return ab.at[k].set(pivot_row)
+
+    return jax.lax.fori_loop(0, m, eliminate, ab)[:, m]
+
+
 def anderson_coefficients(
     gram: Float[Array, "m m"],
     dr_r: Float[Array, " m"],
@@ -53,26 +74,23 @@ def anderson_coefficients(
     $= \overline{\Delta R}\, \Delta R^\top$ and ``dr_r`` $= \overline{\Delta R}\, r$, with the
     columns of $\Delta R^\top$ scaled to unit norm ($D$ = diagonal of column norms), so
     that $\lambda$ is relative and the $m \times m$ system is well conditioned. The
-    system is solved in the dtype of ``gram`` promoted to at least float32 (LAPACK has
-    no float16/bfloat16 solve) and $\gamma$ is returned in that dtype. Invalid (empty)
-    columns get $\gamma_i = 0$; an all-empty or rank-deficient history never gives NaN.
+    system (Hermitian positive definite: unit diagonal plus $\lambda$) is solved by
+    Gauss-Jordan elimination in the dtype of ``gram`` promoted to at least float32, and
+    $\gamma$ is returned in that dtype. Invalid (empty) columns get $\gamma_i = 0$; an
+    all-empty or rank-deficient history never gives NaN (a non-finite solution is
+    replaced by $\gamma = 0$, a plain step).
     """
     dtype = acc_dtype(gram.dtype)
     gram = gram.astype(dtype)
-    dr_r = dr_r.astype(dtype)
-    both = valid[:, None] & valid[None, :]
     diag = jnp.real(jnp.diagonal(gram))
     good = valid & (diag > jnp.finfo(dtype).tiny)
-    scale = jnp.where(good, jnp.sqrt(jnp.where(good, diag, 1)), 1)
-    both = both & good[:, None] & good[None, :]
-    gram = jnp.where(both, gram / (scale[:, None] * scale[None, :]), 0)
-    m = gram.shape[0]
-    eye = jnp.eye(m, dtype=dtype)
-    system = gram + jnp.where(good, reg, 1).astype(dtype)[:, None] * eye
-    rhs = jnp.where(good, dr_r / scale, 0)
-    gamma = jnp.linalg.solve(system, rhs) / scale
-    gamma = jnp.where(good & jnp.isfinite(gamma), gamma, 0)
-    return gamma
+    # D^-1 (0 on empty columns, whose rows and columns of the system are then e_i,
+    # so that their gamma_i = 0).
+    inv = jnp.where(good, jax.lax.rsqrt(jnp.where(good, diag, 1)), 0).astype(dtype)
+    i = jnp.arange(gram.shape[0])
+    system = (gram * inv[:, None] * inv[None, :]).at[i, i].add(jnp.where(good, reg, 1))
+    gamma = _solve_hpd(system, dr_r.astype(dtype) * inv) * inv
+    return jnp.where(jnp.isfinite(gamma), gamma, 0)
 
 
 class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
