@@ -823,7 +823,10 @@ def test_anderson_coefficients_match_least_squares(dtype, seed, enable_x64):
     r = draw(n)
     gram = np.conj(dr) @ dr.T
     gamma = anderson_coefficients(
-        jnp.asarray(gram, dtype), jnp.asarray(np.conj(dr) @ r, dtype), jnp.asarray(valid), reg
+        jnp.asarray(gram, dtype),
+        jnp.asarray(np.conj(dr) @ r, dtype),
+        jnp.asarray(valid),
+        jnp.asarray(reg),
     )
     # Reference: min |r - A gamma|^2 + reg |D gamma|^2 over the valid columns, as one
     # stacked least-squares problem (no normal equations).
@@ -841,7 +844,6 @@ def test_anderson_coefficients_match_least_squares(dtype, seed, enable_x64):
     )
     tol = 1e-3 if dtype == "float32" else 1e-9
     assert objective(gamma) <= objective(ref) * (1 + tol) + tol * np.linalg.norm(r) ** 2
-    scale = np.linalg.norm(d * ref_valid)
-    np.testing.assert_allclose(
-        d * gamma[valid], d * ref_valid, atol=(1e-2 if dtype == "float32" else 1e-6) * max(scale, 1)
-    )
+    scale = float(np.linalg.norm(d * ref_valid))
+    atol = (1e-2 if dtype == "float32" else 1e-6) * max(scale, 1.0)
+    np.testing.assert_allclose(d * gamma[valid], d * ref_valid, atol=atol)
