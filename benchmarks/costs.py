@@ -10,8 +10,13 @@
    jaxopt's `AndersonAcceleration` and `FixedPointIteration` with their implicit
    differentiation.
 2. **Fixed cost of a solve**: warm wall time of a whole solve of a 4-unknown contraction
-   (``W = 0.3 I``, atol 1e-8), 10th percentile of interleaved calls, with the number of
-   steps each solver took.
+   (``W = 0.3 I``, atol 1e-8), 10th percentile, with the number of steps each solver
+   took: back to back (each solve called 4 times in a row, the first call left out, the
+   rows interleaved over the solvers) and interleaved call by call (each call follows
+   another solver's, so caches are cold). And XLA's flop estimate of each compiled
+   solve: XLA's CPU client runs an executable estimated below 1,000 flops on the
+   calling thread and any other on a worker thread, a hand-over that costs more than a
+   tiny solve.
 3. **Per-step cost with a cheap function**: a 64-unknown tanh cell iterated for exactly
    200 steps (tolerance 0) by our Neumann, `optx.FixedPointIteration` and jaxopt's
    `FixedPointIteration`, in microseconds per step (10th percentile of interleaved calls).
@@ -163,17 +168,53 @@ def _interleaved(fns: dict[str, Callable], args: tuple, calls: int) -> dict[str,
     return {name: float(np.percentile(t, 10)) for name, t in times.items()}
 
 
-def fixed_costs(calls: int = 300) -> list[tuple[str, float, int]]:
-    """``(name, microseconds per solve, steps)`` on a 4-unknown contraction."""
+def _back_to_back(fns: dict[str, Callable], args: tuple, rounds: int, calls: int = 4) -> dict:
+    """10th percentile of the warm wall time of each function called `calls` times in a
+    row (the first call of each row, after the other functions ran, is left out), rows
+    interleaved over the functions."""
+    for fn in fns.values():
+        jax.block_until_ready(fn(*args))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for j in range(calls):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                if j:
+                    times[name].append(time.perf_counter() - t0)
+    return {name: float(np.percentile(t, 10)) for name, t in times.items()}
+
+
+def estimated_flops(fn: Callable, *args) -> float:
+    """XLA's cost-analysis estimate of a compiled function's floating-point operations
+    (a loop body counted once). XLA's CPU client runs an executable whose estimate is
+    below 1,000 on the calling thread and any other one on a worker thread, which on a
+    tiny problem costs more than the solve itself."""
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return float((analysis or {}).get("flops", float("nan")))
+
+
+def fixed_costs(calls: int = 300) -> list[tuple[str, float, float, int, float]]:
+    """``(name, us per solve interleaved, us per solve back to back, steps, XLA's flop
+    estimate)`` on a 4-unknown contraction."""
     n = 4
     w, x = 0.3 * jnp.eye(n, dtype=jnp.float64), jnp.ones(n, jnp.float64)
-    solvers = {
-        name: jax.jit(solve)
-        for name, solve in _solvers(n, 1e-8, 256).items()
-        if "optx default" not in name
-    }
-    best = _interleaved(solvers, (w, x), calls)
-    return [(name, 1e6 * t, int(solvers[name](w, x)[1])) for name, t in best.items()]
+    solves = {name: s for name, s in _solvers(n, 1e-8, 256).items() if "optx default" not in name}
+    solvers = {name: jax.jit(solve) for name, solve in solves.items()}
+    interleaved = _interleaved(solvers, (w, x), calls)
+    warm = _back_to_back(solvers, (w, x), max(calls // 3, 1))
+    return [
+        (
+            name,
+            1e6 * interleaved[name],
+            1e6 * warm[name],
+            int(solvers[name](w, x)[1]),
+            estimated_flops(solves[name], w, x),
+        )
+        for name in solvers
+    ]
 
 
 def step_costs(n: int = 64, steps: int = 200, calls: int = 100) -> dict[str, float]:
@@ -217,6 +258,34 @@ def step_costs(n: int = 64, steps: int = 200, calls: int = 100) -> dict[str, flo
     return {name: 1e6 * t / steps for name, t in _interleaved(fns, (w, x), calls).items()}
 
 
+def tables(repeats: int = 3) -> str:
+    """The three tables, in Markdown (float64 is switched on for their duration)."""
+    lines = [
+        "## Compile time and traced size, tanh cell n = 100, float64\n",
+        "| solver | forward eqns | forward compile [s] | gradient eqns | gradient compile [s] |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    with jax.enable_x64(True):
+        for name, fe, ft, ge, gt in compile_times(repeats=repeats):
+            lines.append(f"| {name} | {fe} | {ft:.3f} | {ge} | {gt:.3f} |")
+        lines += [
+            "\n## Fixed cost of a whole solve, 4 unknowns, W = 0.3 I, atol 1e-8\n",
+            "| solver | us per solve, back to back | us per solve, interleaved | steps "
+            "| XLA flop estimate |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, us, warm_us, evals, flops in fixed_costs():
+            lines.append(f"| {name} | {warm_us:.1f} | {us:.1f} | {evals} | {flops:.0f} |")
+        lines += [
+            "\n## Plain iteration with a cheap function, n = 64, 200 steps\n",
+            "| solver | us per step |",
+            "| --- | ---: |",
+        ]
+        for name, us in step_costs().items():
+            lines.append(f"| {name} | {us:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -225,22 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    jax.config.update("jax_enable_x64", True)
-    print("## Compile time and traced size, tanh cell n = 100, float64\n")
-    print("| solver | forward eqns | forward compile [s] | gradient eqns | gradient compile [s] |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, fe, ft, ge, gt in compile_times(repeats=args.repeats):
-        print(f"| {name} | {fe} | {ft:.3f} | {ge} | {gt:.3f} |")
-    print("\n## Fixed cost of a whole solve, 4 unknowns, W = 0.3 I, atol 1e-8\n")
-    print("| solver | us per solve | steps |")
-    print("| --- | ---: | ---: |")
-    for name, us, evals in fixed_costs():
-        print(f"| {name} | {us:.1f} | {evals} |")
-    print("\n## Plain iteration with a cheap function, n = 64, 200 steps\n")
-    print("| solver | us per step |")
-    print("| --- | ---: |")
-    for name, us in step_costs().items():
-        print(f"| {name} | {us:.2f} |")
+    print(tables(args.repeats), end="")
 
 
 if __name__ == "__main__":

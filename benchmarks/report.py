@@ -3,6 +3,7 @@
     python -m benchmarks.report            # default grid, a few minutes on 2 CPU cores
     python -m benchmarks.report --full     # the bigger grid of the issue (long)
     python -m benchmarks.report --out DIR --problems 'hequation*' --solvers '*Anderson*'
+    python -m benchmarks.report --costs    # and the fixed-cost tables of benchmarks.costs
 
 Writes ``<out>/report.md`` (the tables: targets, then one per problem), ``<out>/
 results.json`` (every measurement, with the residual traces) and ``<out>/plots/
@@ -96,6 +97,13 @@ def _parse(argv):
         "mnist-deq-trained problems are listed as not run",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument(
+        "--costs",
+        action="store_true",
+        help="append the fixed-cost tables of benchmarks.costs (compile time and traced size, "
+        "cost of a tiny solve, per-step cost of plain iteration: about 2 more minutes; "
+        "their timings want an idle machine)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -500,6 +508,11 @@ def _run(args, t_start) -> int:
         unavailable=unavailable,
     )
     _write_markdown(out / "report.md", results, problems_list, adapters, targets, meta)
+    if args.costs:
+        from . import costs
+
+        with (out / "report.md").open("a") as f:
+            f.write("\n# Fixed costs (`python -m benchmarks.costs`)\n\n" + costs.tables())
     payload = dict(
         meta=meta,
         targets=targets,
