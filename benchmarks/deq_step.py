@@ -54,6 +54,7 @@ def _our_config(backward: str, backward_solver: str = "neumann"):
 
     config = Config(
         width=WIDTH,
+        stem_stride=1,  # the 28x28 state of the torch model below (not the default 14x14)
         head="mean",
         batch_size=BATCH,
         solver="anderson",

@@ -118,11 +118,11 @@ def _batched_iterate(dynamic: tuple, static: tuple, in_axes: Any, axis_size: int
         active = running(done, result)
         new_y, new_state, new_aux = vmapped(step, 2)(dynamic, y, state)
         new_done, new_result = vmapped(terminate_and_result, 2)(dynamic, y, new_state)
-        # A finished sample: the solver left its state as it was (the `step` contract
-        # of this package's solvers); its iterate, aux, flags and count are kept here,
-        # which is cheap (no history buffer is selected).
+        # A finished sample: the solver left its state and its iterate as they were
+        # (the `step` contract of this package's solvers), so neither the history nor
+        # the iterate is selected here; its aux, flags and count are kept (cheap).
         return (
-            _where(active, new_y, y),
+            new_y,
             num_steps + active.astype(num_steps.dtype),
             new_state,
             _where(active, new_aux, aux),
