@@ -169,7 +169,7 @@ class BroydenLinearSolver(AbstractFixedPointLinearSolver):
     def __init__(self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any):
         """**Arguments:** `rtol`, `atol` and every other keyword (`norm`, `memory`,
         `beta`, `line_search`, `max_backtracks`, `divergence_factor`,
-        `divergence_patience`) as for
+        `divergence_patience`, `update`) as for
         [`fixedpoint.Broyden`][]; `max_steps` (>= 1) the most matrix-vector products.
         """
         self.root_finder = _BroydenRoot(rtol=rtol, atol=atol, **kwargs)

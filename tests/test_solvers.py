@@ -462,6 +462,7 @@ def root_cube(solver, y0, args):
 CUBE = {
     "broyden": fp.Broyden(rtol=0.0, atol=1e-10),
     "broyden_ls": fp.Broyden(rtol=0.0, atol=1e-10, line_search=True),
+    "broyden_bad": fp.Broyden(rtol=0.0, atol=1e-10, update="bad"),
     "anderson": fp.Anderson(rtol=0.0, atol=1e-10),
     "neumann": fp.Neumann(rtol=0.0, atol=1e-10),
 }
@@ -473,7 +474,7 @@ CUBE_C = CUBE_ROOT**3 + CUBE_M @ CUBE_ROOT
 CUBE_ROOT_2 = (np.zeros((3, 3)), np.full(3, 2.0))  # M = 0, c = 2: y^3 = 2
 
 
-@pytest.mark.parametrize("name", ["broyden", "broyden_ls"])
+@pytest.mark.parametrize("name", ["broyden", "broyden_ls", "broyden_bad"])
 def test_broyden_solves_non_contractive_root_problems(name, enable_x64):
     """Broyden is a quasi-Newton root finder: it solves problems on which the
     Picard map y + g(y) expands, from a nearby start (there Neumann fails)."""
@@ -501,9 +502,9 @@ def test_broyden_line_search_from_farther_start(enable_x64):
     assert int(sol.state.num_backtracks) > 0
 
 
-def _dense_good_broyden(g, y0, beta, memory, steps):
-    """Textbook good Broyden with an explicit n x n inverse H (restarted from -beta I
-    once `memory` updates are in use): the points y_1, ..., y_steps it steps to."""
+def _dense_broyden(g, y0, beta, memory, steps, update="good"):
+    """Textbook good (or bad) Broyden with an explicit n x n inverse H (restarted from
+    -beta I once `memory` updates are in use): the points y_1, ..., y_steps it steps to."""
     n = y0.size
     y, h, count = y0.copy(), -beta * np.eye(n), 0
     y_prev = r_prev = None
@@ -515,7 +516,10 @@ def _dense_good_broyden(g, y0, beta, memory, steps):
             if count >= memory:
                 h, count = -beta * np.eye(n), 0
             h_d = h @ d
-            h = h + np.outer((s - h_d) / (s @ h_d), h.T @ s)
+            if update == "good":
+                h = h + np.outer((s - h_d) / (s @ h_d), h.T @ s)
+            else:
+                h = h + np.outer((s - h_d) / (d @ d), d)
             count += 1
         y_prev, r_prev = y, r
         y = y - h @ r
@@ -525,13 +529,16 @@ def _dense_good_broyden(g, y0, beta, memory, steps):
 
 @pytest.mark.parametrize("memory", [3, 30])
 @pytest.mark.parametrize("beta", [1.0, 0.7])
-def test_broyden_iterates_match_dense_broyden(memory, beta, enable_x64):
-    """The low-rank factors reproduce the dense good-Broyden iteration step by step,
-    across restarts (memory 3 restarts twice in 9 steps)."""
+@pytest.mark.parametrize("update", ["good", "bad"])
+def test_broyden_iterates_match_dense_broyden(memory, beta, update, enable_x64):
+    """The low-rank factors reproduce the dense good- (bad-) Broyden iteration step by
+    step, across restarts (memory 3 restarts twice in 9 steps)."""
     w, x, flag = small_problem("float64", norm=0.9, seed=5)
     wn, xn = np.asarray(w), np.asarray(x)
-    expected = _dense_good_broyden(lambda y: np.tanh(wn @ y + xn) - y, np.zeros(N), beta, memory, 9)
-    solver = fp.Broyden(rtol=0.0, atol=0.0, memory=memory, beta=beta)
+    expected = _dense_broyden(
+        lambda y: np.tanh(wn @ y + xn) - y, np.zeros(N), beta, memory, 9, update
+    )
+    solver = fp.Broyden(rtol=0.0, atol=0.0, memory=memory, beta=beta, update=update)
     for k in (1, 5, 9):
         sol = fixed(solver, jnp.zeros(N), (w, x, flag), max_steps=k)
         assert int(sol.stats["num_steps"]) == k

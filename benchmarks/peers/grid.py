@@ -39,6 +39,14 @@ def solvers(grid: str = "default", *, cache: CompileCache | None = None) -> list
                 cache=cache,
             ),
             Ours("fp.Neumann(beta=0.5)", "picard", beta=0.5, cache=cache),
+            Ours(
+                "fp.Broyden(memory=30,update=bad)",
+                "broyden",
+                differences=30,
+                memory=30,
+                update="bad",
+                cache=cache,
+            ),
         ]
     peers: list[Adapter] = [
         Optx("optx.FixedPointIteration", "picard", cache=cache),
@@ -66,6 +74,7 @@ def solvers(grid: str = "default", *, cache: CompileCache | None = None) -> list
                 cache=cache,
             ),
             Scipy("scipy.anderson(M=10)", "anderson", differences=10),
+            Scipy("scipy.broyden2(max_rank=30)", "broyden", differences=30, bad=True),
             Scipy(
                 "scipy.anderson(M=5,line_search=None)", "anderson", differences=5, line_search=None
             ),

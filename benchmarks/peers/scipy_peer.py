@@ -1,4 +1,4 @@
-"""SciPy's anderson, broyden1 and newton_krylov: ``f_tol = tol_abs`` with ``tol_norm`` =
+"""SciPy's anderson, broyden1 (or broyden2) and newton_krylov: ``f_tol = tol_abs`` with ``tol_norm`` =
 the worst per-state 2-norm: the common criterion. The NumPy function is wrapped with a
 counter (a hard cap at the budget) that also records the residual in the trace run.
 SciPy has no batch mode: by default it solves a batch as one system (one history shared
@@ -16,7 +16,7 @@ from .base import PyAdapter
 
 
 class Scipy(PyAdapter):
-    """scipy.optimize.anderson / broyden1 / newton_krylov (line search: SciPy's
+    """scipy.optimize.anderson / broyden1 (broyden2 with ``bad=True``) / newton_krylov (line search: SciPy's
     default, Armijo, unless `line_search` is given).
 
     SciPy has no batch mode. By default a batch is solved as ONE system (one history
@@ -34,10 +34,12 @@ class Scipy(PyAdapter):
         method: str,
         differences: int | None = None,
         per_state: bool = False,
+        bad: bool = False,
         **kwargs,
     ):
         super().__init__(name, method, differences, **kwargs)
         self.per_state = per_state
+        self.bad = bad  # Broyden: broyden2 ("bad" Broyden) instead of broyden1
 
     def inapplicable(self, problem):
         reason = super().inapplicable(problem)
@@ -88,7 +90,7 @@ class Scipy(PyAdapter):
             solver = so.anderson
             kwargs.update(M=self.history, alpha=1.0)
         elif self.method == "broyden":
-            solver = so.broyden1
+            solver = so.broyden2 if self.bad else so.broyden1
             kwargs.update(alpha=1.0, reduction_method="restart", max_rank=self.history)
         else:
             solver = so.newton_krylov
