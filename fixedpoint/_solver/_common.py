@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
+from jax.custom_batching import custom_vmap
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
@@ -65,6 +66,33 @@ def unravel_like(flat: Array, like: PyTree) -> PyTree:
 
 def tree_where(pred: Bool[Array, ""], a: PyTree, b: PyTree) -> PyTree:
     return jtu.tree_map(lambda x, z: jnp.where(pred, x, z), a, b)
+
+
+# ----------------------------------------------------------------------------------
+# Work that few steps need.
+
+
+@custom_vmap
+def _batch_any(pred: Array) -> Array:
+    return pred
+
+
+@_batch_any.def_vmap
+def _batch_any_rule(axis_size: int, in_batched: list, pred: Array) -> tuple[Array, bool]:
+    del axis_size
+    (batched,) = in_batched
+    return (jnp.any(pred) if batched else pred), False
+
+
+def rarely(pred: Bool[Array, ""], compute: Callable[[], Any], skip: Callable[[], Any]) -> Any:
+    """`compute()` where `pred` holds, else the cheap `skip()` (same structure).
+
+    A `lax.cond`, also under `vmap`: there the predicate is "`pred` holds for some
+    sample of the batch" (so every sample gets `compute()`, and a sample for which `pred`
+    is false must not depend on which branch ran), where a batched predicate would turn
+    the `cond` into a `select` that always pays for `compute()`. For quantities that a
+    solver needs only on rare steps (a restart, the first secant pair)."""
+    return jax.lax.cond(_batch_any(pred), compute, skip)
 
 
 # ----------------------------------------------------------------------------------

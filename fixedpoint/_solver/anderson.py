@@ -17,6 +17,7 @@ from ._common import (
     is_done,
     negligible,
     Progress,
+    rarely,
     secant_scale,
 )
 
@@ -272,7 +273,18 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         # unless the secant scale agrees in sign with -beta and is less than 10 beta
         # in size; and again from the pair of a restart step that had to be shrunk
         # below 1/20 before it was accepted (such steps were far too long).
-        fit, fit_ok, cosine, d_s, _, d_d = secant_scale(s_k, d_k, acc, negligible(dtype))
+        # (Only needed at the first pair and on the step after a restart: skipped
+        # otherwise, see `rarely`.)
+        def secant():
+            return secant_scale(s_k, d_k, acc, negligible(dtype))
+
+        def no_secant():
+            zero = jnp.zeros((), real)
+            return state.h0, jnp.array(False), zero, jnp.zeros((), acc), zero, zero
+
+        fit, fit_ok, cosine, d_s, _, d_d = rarely(
+            state.pending_restart | ~state.scaled, secant, no_secant
+        )
         keep = (cosine < 0.1) & (jnp.abs(fit) < 10 * self.beta)
         first_pair = push & ~state.scaled & ~keep
         short = push & state.scaled & state.pending_restart & (state.restart_t < 0.05)
@@ -299,8 +311,14 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         new_restart = reject | first
         restart_t = jnp.where(reject, c, jnp.where(first, 1, state.restart_t)).astype(real)
         restart_best = jnp.where(new_restart, progress.best_norm, state.restart_best)
-        y_base = jnp.where(reject, progress.y_best, y_k)
-        r_base = jnp.where(reject, progress.r_best, r_k)
+        y_base, r_base = rarely(
+            reject,
+            lambda: (
+                jnp.where(reject, progress.y_best, y_k),
+                jnp.where(reject, progress.r_best, r_k),
+            ),
+            lambda: (y_k, r_k),
+        )
 
         valid = jnp.arange(self.m) < count
         gamma = anderson_coefficients(gram, dot(dr, r_base, acc), valid, reg)
