@@ -170,9 +170,9 @@ def _packed_while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) ->
     def unpack(carry):
         vecs, rest = carry
         out: list = [None] * len(leaves)
-        for v, vec in zip(groups.values(), vecs):
-            for i, part in zip(v, jax.lax.split(vec, [1] * len(v))):
-                out[i] = part.reshape(())
+        for (k, v), vec in zip(groups.items(), vecs):
+            for j, i in enumerate(v):
+                out[i] = vec[j]
         it = iter(rest)
         for i in range(len(out)):
             if i not in packed_ids:
