@@ -132,7 +132,7 @@ def _batched_iterate(dynamic: tuple, static: tuple, in_axes: Any, axis_size: int
         )
 
     carry = (y, num_steps, state, aux, done, result, jnp.array(0))
-    y, num_steps, state, aux, done, result, _ = _packed_while_loop(cond_fun, body_fun, carry)
+    y, num_steps, state, aux, done, result, _ = jax.lax.while_loop(cond_fun, body_fun, carry)
     result = _results_where(
         (result == optx.RESULTS.successful) & jnp.invert(done),
         jax.vmap(lambda _: optx.RESULTS.nonlinear_max_steps_reached)(done),
@@ -143,58 +143,13 @@ def _batched_iterate(dynamic: tuple, static: tuple, in_axes: Any, axis_size: int
     return y, (num_steps, result, dynamic_state, None, aux, stats)
 
 
-def _packed_while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
-    """`lax.while_loop`, with the scalar leaves of the carry (the solvers' counters,
-    flags and norms: a dozen or two) packed into one vector per dtype.
-
-    XLA gives every leaf of a loop carry its own buffer, initialised by its own copy
-    before the loop and written by its own kernel in the loop body; on XLA's CPU
-    runtime each is a separately scheduled task. Packed, the scalars of one dtype are
-    one buffer and one kernel: a solve of 64 unknowns took about 30% less time outside
-    its steps, and its steps about 30% less."""
-    leaves, treedef = jtu.tree_flatten(init_val)
-    leaves = [jnp.asarray(x) for x in leaves]
-    groups: dict = {}
-    for i, x in enumerate(leaves):
-        if x.ndim == 0:
-            groups.setdefault(x.dtype, []).append(i)
-    groups = {k: v for k, v in groups.items() if len(v) > 1}
-    packed_ids = {i for v in groups.values() for i in v}
-
-    def pack(leaves):
-        return (
-            [jnp.stack([jnp.asarray(leaves[i], k) for i in v]) for k, v in groups.items()],
-            [x for i, x in enumerate(leaves) if i not in packed_ids],
-        )
-
-    def unpack(carry):
-        vecs, rest = carry
-        out: list = [None] * len(leaves)
-        for (k, v), vec in zip(groups.items(), vecs):
-            for j, i in enumerate(v):
-                out[i] = vec[j]
-        it = iter(rest)
-        for i in range(len(out)):
-            if i not in packed_ids:
-                out[i] = next(it)
-        return jtu.tree_unflatten(treedef, out)
-
-    def cond(carry):
-        return cond_fun(unpack(carry))
-
-    def body(carry):
-        return pack(jtu.tree_leaves(body_fun(unpack(carry))))
-
-    return unpack(jax.lax.while_loop(cond, body, pack(leaves)))
-
-
 def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any, *, max_steps: int | None):
     """A bounded `lax.while_loop`, with the signature optimistix's iterate function
     expects of its `while_loop` argument. Our adjoints never differentiate through the
     loop, so it needs none of `equinox.internal.while_loop`'s machinery (whose per-leaf
     bookkeeping roughly doubled the traced loop body)."""
     if max_steps is None:
-        return _packed_while_loop(cond_fun, body_fun, init_val)
+        return jax.lax.while_loop(cond_fun, body_fun, init_val)
 
     def cond(carry):
         step, val = carry
@@ -204,7 +159,7 @@ def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any, *, max_ste
         step, val = carry
         return step + 1, body_fun(val)
 
-    return _packed_while_loop(cond, body, (jnp.array(0), init_val))[1]
+    return jax.lax.while_loop(cond, body, (jnp.array(0), init_val))[1]
 
 
 def _supports_batching(solver: Any) -> bool:
