@@ -30,6 +30,7 @@ import argparse
 import importlib.util
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -185,12 +186,12 @@ def _back_to_back(fns: dict[str, Callable], args: tuple, rounds: int, calls: int
     return {name: float(np.percentile(t, 10)) for name, t in times.items()}
 
 
-def estimated_flops(fn: Callable, *args) -> float:
-    """XLA's cost-analysis estimate of a compiled function's floating-point operations
+def estimated_flops(jitted: Any, *args) -> float:
+    """XLA's cost-analysis estimate of a jitted function's floating-point operations
     (a loop body counted once). XLA's CPU client runs an executable whose estimate is
     below 1,000 on the calling thread and any other one on a worker thread, which on a
     tiny problem costs more than the solve itself."""
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    analysis = jitted.lower(*args).compile().cost_analysis()
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0]
     return float((analysis or {}).get("flops", float("nan")))
@@ -201,8 +202,11 @@ def fixed_costs(calls: int = 300) -> list[tuple[str, float, float, int, float]]:
     estimate)`` on a 4-unknown contraction."""
     n = 4
     w, x = 0.3 * jnp.eye(n, dtype=jnp.float64), jnp.ones(n, jnp.float64)
-    solves = {name: s for name, s in _solvers(n, 1e-8, 256).items() if "optx default" not in name}
-    solvers = {name: jax.jit(solve) for name, solve in solves.items()}
+    solvers = {
+        name: jax.jit(solve)
+        for name, solve in _solvers(n, 1e-8, 256).items()
+        if "optx default" not in name
+    }
     interleaved = _interleaved(solvers, (w, x), calls)
     warm = _back_to_back(solvers, (w, x), max(calls // 3, 1))
     return [
@@ -211,7 +215,7 @@ def fixed_costs(calls: int = 300) -> list[tuple[str, float, float, int, float]]:
             1e6 * interleaved[name],
             1e6 * warm[name],
             int(solvers[name](w, x)[1]),
-            estimated_flops(solves[name], w, x),
+            estimated_flops(solvers[name], w, x),
         )
         for name in solvers
     ]
