@@ -50,7 +50,7 @@ def _matrix_norm(w):
 # --------------------------------------------------------------------------- normalisation
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=True, database=None)
 @given(
     seed=st.integers(0, 2**16),
     conv=st.booleans(),
@@ -187,7 +187,7 @@ def dropout_solve():
     return deq, x, eqx.filter_jit(lambda deq, x, key: deq(x, key=key))
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=8, deadline=None, derandomize=True, database=None)
 @given(seed=st.integers(0, 2**20))
 def test_dropout_mask_is_constant_during_a_solve(dropout_solve, seed):
     """The fixed point is that of ONE masked map: dropped units are exactly 0, every
@@ -386,7 +386,7 @@ def warm_solve():
     return deq, eqx.filter_jit(jax.vmap(lambda x, z0: deq(x, z0=z0)))
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=8, deadline=None, derandomize=True, database=None)
 @given(seed=st.integers(0, 2**20), shift=st.floats(0.0, 0.3))
 def test_warm_and_cold_starts_reach_the_same_fixed_point(warm_solve, seed, shift):
     deq, solve = warm_solve
