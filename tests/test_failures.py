@@ -414,3 +414,26 @@ def test_anderson_gram_stays_the_gram_of_its_history(steps):
     np.testing.assert_allclose(
         sol.state.gram, dr @ dr.T, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(dr).max() ** 2)
     )
+
+
+def test_best_point_is_the_last_evaluated_one_when_the_next_iterate_is_not_finite():
+    """Anderson stores its best point lazily: while the last evaluated point is the
+    best, `y_best` is stale and the point is the one the state keeps (`y_prev`). If the
+    batched loop then stops on a non-finite *next iterate* (the evaluated residual was
+    finite and better), what is returned must be that point, not the stale buffer."""
+    from fixedpoint._solver._common import init_progress, select_output
+
+    y0 = jnp.array([0.0, 1.0])
+    last = (jnp.array([2.0, 2.5]), jnp.array([0.5, 0.25]))
+    progress = init_progress(y0, 0)
+    progress = eqx.tree_at(
+        lambda p: (p.best_is_last, p.best_norm), progress, (jnp.array(True), jnp.array(0.5))
+    )
+    nan = jnp.array([jnp.nan, jnp.nan])
+    y_out, stats = select_output(nan, progress, optx.RESULTS.nonfinite, 0, last)
+    np.testing.assert_array_equal(y_out, last[0])
+    assert float(stats["residual_norm"]) == 0.5
+    # The stale buffer (y0 here) when the best point is not the last one.
+    progress = eqx.tree_at(lambda p: p.best_is_last, progress, jnp.array(False))
+    y_out, _ = select_output(nan, progress, optx.RESULTS.nonfinite, 0, last)
+    np.testing.assert_array_equal(y_out, y0)

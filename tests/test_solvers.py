@@ -854,3 +854,79 @@ def test_anderson_coefficients_match_least_squares(dtype, seed, enable_x64):
     scale = float(np.linalg.norm(d * ref_valid))
     atol = (1e-2 if dtype == "float32" else 1e-6) * max(scale, 1.0)
     np.testing.assert_allclose(d * gamma[valid], d * ref_valid, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.complex64])
+def test_stopping_rule_without_division_decides_as_the_scaled_max_norm(dtype):
+    """For the max norm the stopping rule is evaluated as |r_i| < atol + rtol |y_i|
+    (no division per element). It must decide exactly as max_i |r_i / (atol + rtol
+    |y_i|)| < 1 - the other norms' path - including zero tolerances (0/0), zeros,
+    infinities and NaN, on a PyTree; values are drawn away from the threshold itself,
+    where the two may round differently."""
+    from fixedpoint._solver._common import _within_tolerance
+
+    rng = np.random.default_rng(0)
+    special = np.array([0.0, np.inf, -np.inf, np.nan, 1e-30, 1e30])
+    # Edge cases first: r = 0 with zero tolerances (0/0: not converged), r = 0 with
+    # y = inf (0/inf), r = inf with y = inf (inf/inf), then random draws.
+    edges = [(0.0, 1.0), (0.0, np.inf), (np.inf, np.inf), (1e-7, 0.0)]
+    with jax.enable_x64(True):
+        for trial in range(200):
+            shape = (int(rng.integers(1, 4)),)
+            r = rng.normal(size=(2,) + shape) * 10.0 ** rng.integers(-8, 3)
+            y = rng.normal(size=(2,) + shape) * 10.0 ** rng.integers(-3, 3)
+            if trial < 4 * len(edges):
+                r[:], y[:] = edges[trial // 4]
+            elif trial % 4 == 0:
+                r.flat[rng.integers(r.size)] = rng.choice(special)
+            if trial % 5 == 0:
+                y.flat[rng.integers(y.size)] = rng.choice(special)
+            rtol, atol = [(0.0, 0.0), (1e-4, 0.0), (0.0, 1e-6), (1e-3, 1e-6)][trial % 4]
+            r_tree = {"a": jnp.asarray(r[0], dtype), "b": jnp.asarray(r[1], dtype)}
+            y_tree = {"a": jnp.asarray(y[0], dtype), "b": jnp.asarray(y[1], dtype)}
+            scaled = jax.tree.map(lambda ri, yi: ri / (atol + rtol * jnp.abs(yi)), r_tree, y_tree)
+            ratio = float(optx.max_norm(scaled))
+            if np.isfinite(ratio) and abs(ratio - 1) < 1e-3:
+                continue
+            expected = bool(optx.max_norm(scaled) < 1)
+            assert bool(_within_tolerance(r_tree, y_tree, rtol, atol, optx.max_norm)) == expected
+            assert bool(_within_tolerance(r_tree, y_tree, rtol, atol, optx.rms_norm)) == bool(
+                optx.rms_norm(scaled) < 1
+            )
+
+
+@pytest.mark.parametrize("norm", [optx.rms_norm, optx.two_norm], ids=["rms", "two"])
+def test_screened_stopping_rule_decides_as_the_scaled_norm(norm):
+    """On a large state the RMS and 2-norm rules are first screened with the lower
+    bound norm(r) / (atol + rtol max|y|), and evaluated in full only when that cannot
+    decide. Residuals from far outside to well inside the tolerance (both paths of
+    the screen, and both answers of the full rule), under jit and vmap, must give the
+    decisions of the plain formula; a small state (no screen) too."""
+    from fixedpoint._solver._common import _SCREEN_SIZE, _within_tolerance
+
+    rng = np.random.default_rng(1)
+    rtol, atol = 1e-3, 1e-5
+    for n in (_SCREEN_SIZE, 100):
+        y = {
+            "a": jnp.asarray(rng.normal(size=n // 2), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(n - n // 2,)) * 3, jnp.float32),
+        }
+        unit = jax.tree.map(lambda yi: jnp.asarray(rng.uniform(-1, 1, yi.shape), yi.dtype), y)
+        scales = jnp.asarray([1e-3, 0.3, 0.9, 1.2, 3.0, 30.0, 3e3, 0.0])
+        rs = jax.vmap(
+            lambda c: jax.tree.map(lambda ui, yi: c * ui * (atol + rtol * jnp.abs(yi)), unit, y)
+        )(scales)
+
+        def expected(r):
+            scaled = jax.tree.map(lambda ri, yi: ri / (atol + rtol * jnp.abs(yi)), r, y)
+            return norm(scaled) < 1
+
+        def decided(r):
+            return _within_tolerance(r, y, rtol, atol, norm, norm(r))
+
+        want = jax.vmap(expected)(rs)
+        assert want.any() and not want.all()
+        np.testing.assert_array_equal(jax.jit(jax.vmap(decided))(rs), want)
+        for i in range(len(scales)):
+            r_i = jax.tree.map(lambda a: a[i], rs)
+            assert bool(jax.jit(decided)(r_i)) == bool(want[i])

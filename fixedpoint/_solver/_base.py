@@ -95,13 +95,28 @@ class AbstractFixedPointRootFinder(optx.AbstractRootFinder[Y, Out, Aux, SolverSt
         result: optx.RESULTS,
     ) -> tuple[Y, Aux, dict[str, Any]]:
         del fn, args, options, tags
-        y_out, stats = select_output(y, state.progress, result, self.trace_length)
+        y_out, stats = select_output(
+            y, state.progress, result, self.trace_length, self._last_evaluated(state)
+        )
         return y_out, aux, stats
 
+    def _last_evaluated(self, state: SolverState) -> tuple[Array, Array] | None:
+        """The last evaluated point and its residual (flat), if the solver state keeps
+        them whenever `state.progress.best_is_last` holds; then the best point is
+        stored lazily (see `update_progress`). `None` (the default): it is not."""
+        del state
+        return None
+
     def _evaluate(
-        self, fn: Fn[Y, Out, Aux], y: Y, args: PyTree, progress: Progress
+        self,
+        fn: Fn[Y, Out, Aux],
+        y: Y,
+        args: PyTree,
+        progress: Progress,
+        last: tuple[Array, Array] | None = None,
     ) -> tuple[Float[Array, " n"], Float[Array, " n"], Aux, Progress]:
-        """Evaluate g once at y; return (flat y, flat r, aux, updated progress)."""
+        """Evaluate g once at y; return (flat y, flat r, aux, updated progress).
+        `last`: what `_last_evaluated` gives for the state being stepped."""
         r, aux = fn(y, args)
         dtype = progress.y_best.dtype
         y_flat = ravel(y, dtype)
@@ -117,6 +132,7 @@ class AbstractFixedPointRootFinder(optx.AbstractRootFinder[Y, Out, Aux, SolverSt
             norm=self.norm,
             divergence_factor=self.divergence_factor,
             divergence_patience=self.divergence_patience,
+            last=last,
         )
         return y_flat, r_flat, aux, progress
 

@@ -168,6 +168,9 @@ class Progress(eqx.Module):
       states).
     - `best_norm`, `y_best`, `r_best`: the smallest residual norm seen, its point and
       its residual. On failure the solver returns `y_best`, never a worse iterate.
+    - `best_is_last`: the best point is the last evaluated one, and `y_best`, `r_best`
+      are stale (only for a solver that keeps its last evaluated point and passes it
+      to `update_progress`, see there): see `best_point`.
     - `trace`: `norm(g(y_k))` of the first `trace_length` steps (NaN after the last).
     """
 
@@ -180,6 +183,7 @@ class Progress(eqx.Module):
     best_norm: Scalar
     y_best: Float[Array, " n"]
     r_best: Float[Array, " n"]
+    best_is_last: Bool[Array, ""]
     trace: Float[Array, " trace"]
 
 
@@ -198,8 +202,67 @@ def init_progress(y_flat: Array, trace_length: int) -> Progress:
         best_norm=inf,
         y_best=y_flat,
         r_best=jnp.zeros_like(y_flat),
+        best_is_last=false,
         trace=jnp.full((trace_length,), jnp.nan, dtype),
     )
+
+
+def _put_if(pred: Bool[Array, ""], buffer: Array, value: Array) -> Array:
+    """`value` where `pred`, else `buffer`, as a write that is dropped when `pred` is
+    false (under `vmap`, a scatter of the samples for which it holds), instead of a
+    select that reads both and writes all: a solver loop updates `buffer` in place,
+    and pays nothing on the steps that keep it."""
+    return buffer[None].at[jnp.where(pred, 0, 1)].set(value, mode="drop")[0]
+
+
+# A state with at least this many numbers gets the cheap screen of the stopping rule.
+_SCREEN_SIZE = 2**12
+
+
+def _within_tolerance(
+    r: PyTree,
+    y: PyTree,
+    rtol: float,
+    atol: float,
+    norm: Callable[[PyTree], Scalar],
+    r_norm: Scalar | None = None,
+) -> Bool[Array, ""]:
+    """The stopping rule ``norm(r / (atol + rtol * |y|)) < 1``.
+
+    - For the max norm it is evaluated as ``|r_i| < atol + rtol * |y_i|`` for every
+      element, without a division per element (the same decision, up to rounding at
+      the threshold itself, also where ``atol + rtol * |y_i|`` is 0 or the values are
+      not finite; on a DEQ state the division made this test cost four times the norm).
+    - For the RMS and 2-norms of a large state (and `r_norm = norm(r)` given), a
+      screen first: every ``atol + rtol |y_i|`` is at most ``W = atol + rtol
+      max_i |y_i|``, so the scaled norm is at least ``norm(r) / W``, and the rule
+      cannot hold when ``norm(r) >= 1.01 W`` (the margin covers the rounding of both
+      sums). The divisions are made only when the screen cannot decide (see `rarely`),
+      which on a DEQ forward pass is its last few steps.
+    - Any other norm: as written.
+    """
+
+    def scaled_norm_below_one():
+        with jax.numpy_dtype_promotion("standard"):
+            scaled = jtu.tree_map(lambda ri, yi: ri / (atol + rtol * jnp.abs(yi)), r, y)
+            return jnp.real(jnp.asarray(norm(scaled))) < 1
+
+    r_leaves, y_leaves = jtu.tree_leaves(r), jtu.tree_leaves(y)
+    with jax.numpy_dtype_promotion("standard"):
+        if norm is optx.max_norm:
+            inside = [
+                jnp.all(jnp.abs(ri) < atol + rtol * jnp.abs(yi))
+                for ri, yi in zip(r_leaves, y_leaves)
+            ]
+            return jnp.all(jnp.stack(inside)) if inside else jnp.array(True)
+        size = sum(jnp.size(yi) for yi in y_leaves)
+        screen = norm is optx.rms_norm or norm is optx.two_norm
+        if r_norm is None or not screen or size < _SCREEN_SIZE:
+            return scaled_norm_below_one()
+        y_max = jnp.max(jnp.stack([jnp.max(jnp.abs(yi), initial=0) for yi in y_leaves]))
+        bound = (atol + rtol * y_max).astype(r_norm.dtype)
+        outside = r_norm >= 1.01 * bound
+        return rarely(~outside, scaled_norm_below_one, lambda: jnp.array(False))
 
 
 def update_progress(
@@ -214,6 +277,7 @@ def update_progress(
     norm: Callable[[PyTree], Scalar],
     divergence_factor: float,
     divergence_patience: int,
+    last: tuple[Array, Array] | None = None,
 ) -> Progress:
     """Record the residual `r = g(y)` of a newly evaluated point.
 
@@ -227,21 +291,37 @@ def update_progress(
     safeguards - Anderson's restart, Broyden's line search - bring it back); the
     method has failed when that happened at ``divergence_patience`` evaluations in a
     row.
+
+    Best point: by default `y_best`, `r_best` are replaced whenever the new point is
+    better (a select, which on tiny problems costs less than a conditional write). A solver that keeps its last evaluated point (as flat `y`, `r`) whenever
+    `progress.best_is_last` holds passes it as `last`: then a better point is not
+    copied at all (`best_is_last` says so), and the buffers are written only when a
+    point that was the best stops being the last one. On a solve whose residual
+    decreases at every step (a DEQ forward pass) that is never.
     """
     real = progress.best_norm.dtype
     with jax.numpy_dtype_promotion("standard"):
-        scaled = jtu.tree_map(lambda ri, yi: ri / (atol + rtol * jnp.abs(yi)), r, y)
-        scaled_norm = jnp.real(jnp.asarray(norm(scaled))).astype(real)
         r_norm = jnp.real(jnp.asarray(norm(r))).astype(real)
+    within = _within_tolerance(r, y, rtol, atol, norm, r_norm)
     # A finished solve records nothing more (see `is_done`): its flags, counts and best
     # point stay as they were, at no cost beyond the selects made anyway.
     frozen = is_done(progress)
     nonfinite = ~jnp.isfinite(r_norm)
-    converged = (scaled_norm < 1) & ~nonfinite
+    converged = within & ~nonfinite
     above = (r_norm > divergence_factor * progress.best_norm) & ~nonfinite
     num_above = jnp.where(above, progress.num_above + 1, 0)
     diverged = num_above >= divergence_patience
     better = (r_norm < progress.best_norm) & ~frozen
+    if last is None:
+        y_best = jnp.where(better, y_flat, progress.y_best)
+        r_best = jnp.where(better, r_flat, progress.r_best)
+        best_is_last = progress.best_is_last
+    else:
+        # The best point was the last one, and the new one is not better: keep it.
+        keep_last = progress.best_is_last & ~better & ~frozen
+        y_best = _put_if(keep_last, progress.y_best, last[0])
+        r_best = _put_if(keep_last, progress.r_best, last[1])
+        best_is_last = jnp.where(frozen, progress.best_is_last, better)
     trace_slot = jnp.where(frozen, progress.trace.size, progress.step)  # dropped if frozen
     return Progress(
         step=progress.step + jnp.where(frozen, 0, 1).astype(progress.step.dtype),
@@ -251,13 +331,23 @@ def update_progress(
         nonfinite=jnp.where(frozen, progress.nonfinite, nonfinite),
         residual_norm=jnp.where(frozen, progress.residual_norm, r_norm),
         best_norm=jnp.where(better, r_norm, progress.best_norm),
-        y_best=jnp.where(better, y_flat, progress.y_best),
-        r_best=jnp.where(better, r_flat, progress.r_best),
+        y_best=y_best,
+        r_best=r_best,
+        best_is_last=best_is_last,
         trace=(
             progress.trace.at[trace_slot].set(r_norm, mode="drop")
             if progress.trace.size
             else progress.trace
         ),
+    )
+
+
+def best_point(progress: Progress, y_flat: Array, r_flat: Array) -> tuple[Array, Array]:
+    """The best point evaluated and its residual, given the last evaluated point
+    (`y_best`, `r_best` are stale while `best_is_last` holds)."""
+    return (
+        jnp.where(progress.best_is_last, y_flat, progress.y_best),
+        jnp.where(progress.best_is_last, r_flat, progress.r_best),
     )
 
 
@@ -288,7 +378,11 @@ def termination_result(progress: Progress) -> tuple[Bool[Array, ""], optx.RESULT
 
 
 def select_output(
-    y: PyTree, progress: Progress, result: optx.RESULTS, trace_length: int
+    y: PyTree,
+    progress: Progress,
+    result: optx.RESULTS,
+    trace_length: int,
+    last: tuple[Array, Array] | None = None,
 ) -> tuple[PyTree, dict[str, Any]]:
     """Choose what to return, and the statistics.
 
@@ -297,11 +391,18 @@ def select_output(
       `rtol = atol = 0` runs exactly `max_steps` steps of the method);
     - non-finite values or divergence: the best point evaluated, never the iterate that
       blew up.
+
+    `last` is the solver's last evaluated point, as given to `update_progress` (the
+    best one while `progress.best_is_last` holds: possible here when the next iterate
+    is what is not finite).
     """
     broken = (result == optx.RESULTS.nonfinite) | (result == optx.RESULTS.nonlinear_divergence)
     # `y_best` starts as y0, so a function that is non-finite from the first
     # evaluation returns y0 (with the non-finite residual reported).
-    y_out = tree_where(broken, unravel_like(progress.y_best, y), y)
+    y_best = progress.y_best
+    if last is not None:
+        y_best = best_point(progress, *last)[0]
+    y_out = tree_where(broken, unravel_like(y_best, y), y)
     finite_best = broken & jnp.isfinite(progress.best_norm)
     stats = {"residual_norm": jnp.where(finite_best, progress.best_norm, progress.residual_norm)}
     if trace_length > 0:

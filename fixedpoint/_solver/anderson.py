@@ -61,6 +61,18 @@ def _solve_hpd(a: Array, b: Array) -> Array:
     return jax.lax.fori_loop(0, m, eliminate, ab)[:, m]
 
 
+def _combine(gamma: Array, dy: Array, dr: Array, h0: Array) -> Array:
+    """``gamma @ (dy - h0 dr)``. For a small history, as one elementwise expression
+    over the rows, which XLA fuses with the rest of the update into a single pass over
+    both buffers; for a long one, as two vector-matrix products."""
+    if gamma.shape[0] > 8:
+        return gamma @ dy - h0 * (gamma @ dr)
+    out = gamma[0] * (dy[0] - h0 * dr[0])
+    for j in range(1, gamma.shape[0]):
+        out = out + gamma[j] * (dy[j] - h0 * dr[j])
+    return out
+
+
 def anderson_coefficients(
     gram: Float[Array, "m m"],
     dr_r: Float[Array, " m"],
@@ -215,6 +227,11 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
             progress=init_progress(y_flat, self.trace_length),
         )
 
+    def _last_evaluated(self, state: _AndersonState) -> tuple[Array, Array]:
+        # The base point of the latest step: the last evaluated point, unless that
+        # step was a restart (from the best point, when the last one was not the best).
+        return state.y_prev, state.r_prev
+
     def step(
         self,
         fn: Fn[Y, Out, Aux],
@@ -227,7 +244,9 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         del options, tags
         best_before = state.progress.best_norm
         frozen = is_done(state.progress)  # a finished solve changes nothing (see is_done)
-        y_k, r_k, aux, progress = self._evaluate(fn, y, args, state.progress)
+        y_k, r_k, aux, progress = self._evaluate(
+            fn, y, args, state.progress, self._last_evaluated(state)
+        )
         dtype = y_k.dtype
         acc = state.gram.dtype
         real = state.restart_t.dtype
@@ -251,18 +270,9 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         d_k = r_k - state.r_prev
         # (A finished solve writes out of range: the write is dropped.)
         slot = jnp.where(frozen, self.m, i)
+        d_new = jnp.where(push, d_k, 0)
         dy = state.dy.at[slot].set(jnp.where(push, s_k, 0), mode="drop")
-        dr = state.dr.at[slot].set(jnp.where(push, d_k, 0), mode="drop")
-        # Only row/column i of the (Hermitian) Gram matrix changes: one matrix-vector
-        # product (m n) per step instead of a matrix product (m^2 n); accumulated in
-        # at least float32.
-        gram_i = dot(dr, dr[i], acc)
-        gram = (
-            state.gram.at[slot]
-            .set(jnp.conj(gram_i), mode="drop")
-            .at[:, slot]
-            .set(gram_i, mode="drop")
-        )
+        dr = state.dr.at[slot].set(d_new, mode="drop")
         count = jnp.where(
             reject, 0, jnp.where(push, jnp.minimum(state.count + 1, self.m), state.count)
         )
@@ -311,21 +321,29 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         new_restart = reject | first
         restart_t = jnp.where(reject, c, jnp.where(first, 1, state.restart_t)).astype(real)
         restart_best = jnp.where(new_restart, progress.best_norm, state.restart_best)
-        y_base, r_base = rarely(
-            reject,
-            lambda: (
-                jnp.where(reject, progress.y_best, y_k),
-                jnp.where(reject, progress.r_best, r_k),
-            ),
-            lambda: (y_k, r_k),
-        )
+        # (On a reject the new point is not the best, so `y_best`, `r_best` are
+        # up to date: see `update_progress`. Selects that XLA fuses into their
+        # consumers: a conditional here cost two copies of each vector per step.)
+        y_base = jnp.where(reject, progress.y_best, y_k)
+        r_base = jnp.where(reject, progress.r_best, r_k)
 
+        # Only row/column i of the (Hermitian) Gram matrix changes: one matrix-vector
+        # product (m n) per step instead of a matrix product (m^2 n); accumulated in
+        # at least float32. (With the new column as written, not read back from the
+        # buffer: a gather per step less. Two products, not one with a two-column
+        # right-hand side, which XLA's CPU backend runs ten times slower.)
+        gram_i = dot(dr, d_new, acc)
+        gram = (
+            state.gram.at[slot]
+            .set(jnp.conj(gram_i), mode="drop")
+            .at[:, slot]
+            .set(gram_i, mode="drop")
+        )
         valid = jnp.arange(self.m) < count
         gamma = anderson_coefficients(gram, dot(dr, r_base, acc), valid, reg)
         gamma = gamma.astype(dtype)
         step = -h0_v * jnp.where(reject, c, 1).astype(dtype)
-        # (Two vector-matrix products: cheaper than forming dy - h0 dr.)
-        y_next = y_base + step * r_base - gamma @ dy + h0_v * (gamma @ dr)
+        y_next = y_base + step * r_base - _combine(gamma, dy, dr, h0_v)
 
         new_state = _AndersonState(
             dy=dy,
