@@ -103,6 +103,46 @@ def test_conv3x3_matches_lax_in_both_modes():
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
+    # Reverse mode of forward mode (the gradient of the Jacobian regulariser's J v),
+    # under jit.
+    def reg(conv, k, u):
+        return jnp.sum(jax.jvp(lambda u: jnp.tanh(conv(k, u)), (u,), (t,))[1] ** 2)
+
+    g2 = jax.jit(jax.grad(lambda k, u: reg(conv3x3, k, u), argnums=(0, 1)))(k, u)
+    g2_ref = jax.grad(lambda k, u: reg(ref, k, u), argnums=(0, 1))(k, u)
+    for a, b in zip(g2, g2_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv3x3_under_vmap():
+    """Batched states (batch axis anywhere, as the primitive's leading dimension),
+    batched kernels, and the gradient of a batch."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    us = jax.random.normal(keys[0], (6, 5, 2, 3))  # batch axis 2
+    ks = jax.random.normal(keys[1], (2, 3, 3, 3, 4))
+
+    def ref(k, u):
+        return jax.lax.conv_general_dilated(
+            u[None], k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )[0]
+
+    out = jax.vmap(conv3x3, in_axes=(None, 2))(ks[0], us)
+    np.testing.assert_allclose(
+        out, jax.vmap(ref, in_axes=(None, 2))(ks[0], us), rtol=1e-5, atol=1e-5
+    )
+    out = jax.vmap(conv3x3, in_axes=(0, 2))(ks, us)
+    np.testing.assert_allclose(out, jax.vmap(ref, in_axes=(0, 2))(ks, us), rtol=1e-5, atol=1e-5)
+
+    def loss(conv, k):
+        return jnp.sum(jnp.sin(jax.vmap(conv, in_axes=(None, 2))(k, us)))
+
+    np.testing.assert_allclose(
+        jax.grad(lambda k: loss(conv3x3, k))(ks[0]),
+        jax.grad(lambda k: loss(ref, k))(ks[0]),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
 
 @pytest.mark.parametrize("groups", [1, 3])
 def test_channels_last_group_norm_matches_equinox(groups):
