@@ -53,7 +53,7 @@ def _zoo(z, mode):
         lambda z: z + (z + 9) ** 3,
         lambda z: 0.5 * z + 1,
         lambda z: jnp.full_like(z, 3.0),
-        lambda z: z + jnp.where(z == Y0, 1.0, 1e6 + z**2),
+        lambda z: z + jnp.where(z == jnp.resize(Y0, z.shape), 1.0, 1e6 + z**2),
         lambda z: jnp.exp(z),
     ]
     return jax.lax.switch(mode, branches, z)
@@ -437,3 +437,77 @@ def test_best_point_is_the_last_evaluated_one_when_the_next_iterate_is_not_finit
     progress = eqx.tree_at(lambda p: p.best_is_last, progress, jnp.array(False))
     y_out, _ = select_output(nan, progress, optx.RESULTS.nonfinite, 0, last)
     np.testing.assert_array_equal(y_out, y0)
+
+
+def _solve_big(solver, mode, reps):
+    return optx.fixed_point(_zoo, solver, jnp.tile(Y0, reps), mode, max_steps=60, throw=False)
+
+
+@pytest.mark.parametrize("mode", [NAN_LATER, EXPAND, CONTRACT, CLIFF])
+def test_large_state_gives_the_outcome_of_the_small_one(mode):
+    """On a state of LARGE_STATE numbers or more Anderson records its best point lazily
+    (copied only when it stops being the last evaluated point), mixes in one fused pass
+    and screens the stopping rule. The maps here act elementwise, so the same problem on
+    y0 repeated 2048 times has the same iterates (up to the rounding of the longer sums),
+    norms and decisions: the same step count, result and returned point (the best one
+    after a NaN, y0 after a divergence)."""
+    from fixedpoint._solver._common import LARGE_STATE
+
+    reps = LARGE_STATE // Y0.size
+    solver = fp.Anderson()
+    small = solve(solver, mode)
+    sol = jax.jit(lambda m: _solve_big(solver, m, reps))(jnp.asarray(mode, jnp.int32))
+    assert int(sol.result._value) == int(small.result._value)
+    assert int(sol.stats["num_steps"]) == int(small.stats["num_steps"])
+    np.testing.assert_allclose(sol.value, jnp.tile(small.value, reps), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", [NAN_LATER, BLOWUP, CONTRACT, CLIFF])
+def test_lazy_best_point_gives_what_the_eager_one_gives(mode, monkeypatch):
+    """The lazy best point (large states) against the same solve with the best point
+    copied at every improvement (`_last_evaluated` returning None): bit-identical
+    values, step counts, results and residual norms, through NaN, restarts (BLOWUP)
+    and divergence, alone and under vmap."""
+    from fixedpoint._solver._common import LARGE_STATE
+
+    reps = LARGE_STATE // Y0.size
+    solver = fp.Anderson()
+    modes = jnp.asarray([mode, CONTRACT], jnp.int32)
+
+    def run():
+        one = jax.jit(lambda m: _solve_big(solver, m, reps))(modes[0])
+        both = jax.jit(jax.vmap(lambda m: _solve_big(solver, m, reps)))(modes)
+        return one, both
+
+    lazy = run()
+    monkeypatch.setattr(fp.Anderson, "_last_evaluated", lambda self, state: None)
+    eager = run()
+    for a, b in zip(lazy, eager):
+        np.testing.assert_array_equal(a.value, b.value)
+        np.testing.assert_array_equal(a.result._value, b.result._value)
+        np.testing.assert_array_equal(a.stats["num_steps"], b.stats["num_steps"])
+        np.testing.assert_array_equal(a.stats["residual_norm"], b.stats["residual_norm"])
+        assert bool(jnp.all(jnp.isfinite(a.value)))
+
+
+@pytest.mark.parametrize("name", BASIC)
+def test_one_nan_in_a_large_residual_is_detected(name):
+    """XLA's CPU backend reduces 4,096 or more elements with a max that skips NaN, so
+    `optx.max_norm` of a residual with one NaN is finite there. The solvers must still
+    see it: f = 0.5 z + 2 (fixed point 4), except that one element turns NaN once it
+    reaches 3: RESULTS.nonfinite and a finite returned point (the best one), never
+    'converged' with a NaN inside."""
+    from fixedpoint._solver._common import LARGE_STATE
+
+    y0 = jnp.zeros(LARGE_STATE)
+
+    def f(z, _):
+        out = 0.5 * z + 2
+        return out.at[5].set(jnp.where(z[5] >= 3, jnp.nan, out[5]))
+
+    sol = jax.jit(
+        lambda y0: optx.fixed_point(f, SOLVERS[name], y0, None, max_steps=60, throw=False)
+    )(y0)
+    assert result_is(sol, optx.RESULTS.nonfinite), sol.result
+    assert bool(jnp.all(jnp.isfinite(sol.value)))
+    assert float(jnp.max(sol.value)) < 3

@@ -902,11 +902,11 @@ def test_screened_stopping_rule_decides_as_the_scaled_norm(norm):
     decide. Residuals from far outside to well inside the tolerance (both paths of
     the screen, and both answers of the full rule), under jit and vmap, must give the
     decisions of the plain formula; a small state (no screen) too."""
-    from fixedpoint._solver._common import _SCREEN_SIZE, _within_tolerance
+    from fixedpoint._solver._common import _within_tolerance, LARGE_STATE
 
     rng = np.random.default_rng(1)
     rtol, atol = 1e-3, 1e-5
-    for n in (_SCREEN_SIZE, 100):
+    for n in (LARGE_STATE, 100):
         y = {
             "a": jnp.asarray(rng.normal(size=n // 2), jnp.float32),
             "b": jnp.asarray(rng.normal(size=(n - n // 2,)) * 3, jnp.float32),

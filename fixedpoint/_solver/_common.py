@@ -9,6 +9,7 @@ exactly once, so ``sol.stats["num_steps"]`` is also the number of evaluations of
 ``g`` (and of ``f``).
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -215,8 +216,27 @@ def _put_if(pred: Bool[Array, ""], buffer: Array, value: Array) -> Array:
     return buffer[None].at[jnp.where(pred, 0, 1)].set(value, mode="drop")[0]
 
 
-# A state with at least this many numbers gets the cheap screen of the stopping rule.
-_SCREEN_SIZE = 2**12
+def residual_norm(r: PyTree, norm: Callable[[PyTree], Scalar]) -> Scalar:
+    """`norm(r)`; for `optx.max_norm`, a NaN anywhere in `r` gives infinity.
+
+    XLA's CPU backend (jaxlib 0.10) reduces an array of 4,096 or more elements with a
+    max that skips NaN: `max|r|` of a residual with one NaN is then the largest finite
+    element (and -inf if all are NaN), and a solve would go on, or stop as converged, on
+    a non-finite residual. NaN is mapped to infinity before the reduction, in the same
+    pass."""
+    if norm is not optx.max_norm:
+        return norm(r)
+    leaves = [leaf for leaf in jtu.tree_leaves(r) if jnp.size(leaf) > 0]
+    if not leaves:
+        return norm(r)
+    maxes = [jnp.max(jnp.where(jnp.isnan(leaf), jnp.inf, jnp.abs(leaf))) for leaf in leaves]
+    return jax.lax.stop_gradient(functools.reduce(jnp.maximum, maxes))
+
+
+#: A state of at least this many numbers is "large": there, a pass over it costs more
+#: than a conditional (the stopping rule's screen, Anderson's lazy best point), on a
+#: smaller one the extra kernels cost more than the pass.
+LARGE_STATE = 2**12
 
 
 def _within_tolerance(
@@ -257,7 +277,7 @@ def _within_tolerance(
             return jnp.all(jnp.stack(inside)) if inside else jnp.array(True)
         size = sum(jnp.size(yi) for yi in y_leaves)
         screen = norm is optx.rms_norm or norm is optx.two_norm
-        if r_norm is None or not screen or size < _SCREEN_SIZE:
+        if r_norm is None or not screen or size < LARGE_STATE:
             return scaled_norm_below_one()
         y_max = jnp.max(jnp.stack([jnp.max(jnp.abs(yi), initial=0) for yi in y_leaves]))
         bound = (atol + rtol * y_max).astype(r_norm.dtype)
@@ -301,7 +321,7 @@ def update_progress(
     """
     real = progress.best_norm.dtype
     with jax.numpy_dtype_promotion("standard"):
-        r_norm = jnp.real(jnp.asarray(norm(r))).astype(real)
+        r_norm = jnp.real(jnp.asarray(residual_norm(r, norm))).astype(real)
     within = _within_tolerance(r, y, rtol, atol, norm, r_norm)
     # A finished solve records nothing more (see `is_done`): its flags, counts and best
     # point stay as they were, at no cost beyond the selects made anyway.
@@ -311,7 +331,7 @@ def update_progress(
     above = (r_norm > divergence_factor * progress.best_norm) & ~nonfinite
     num_above = jnp.where(above, progress.num_above + 1, 0)
     diverged = num_above >= divergence_patience
-    better = (r_norm < progress.best_norm) & ~frozen
+    better = (r_norm < progress.best_norm) & ~nonfinite & ~frozen
     if last is None:
         y_best = jnp.where(better, y_flat, progress.y_best)
         r_best = jnp.where(better, r_flat, progress.r_best)

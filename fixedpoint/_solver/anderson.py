@@ -15,6 +15,7 @@ from ._common import (
     flatten_initial,
     init_progress,
     is_done,
+    LARGE_STATE,
     negligible,
     Progress,
     rarely,
@@ -62,10 +63,10 @@ def _solve_hpd(a: Array, b: Array) -> Array:
 
 
 def _combine(gamma: Array, dy: Array, dr: Array, h0: Array) -> Array:
-    """``gamma @ (dy - h0 dr)``. For a small history, as one elementwise expression
-    over the rows, which XLA fuses with the rest of the update into a single pass over
-    both buffers; for a long one, as two vector-matrix products."""
-    if gamma.shape[0] > 8:
+    """``gamma @ (dy - h0 dr)``. For a short history on a large state, as one
+    elementwise expression over the rows, which XLA fuses with the rest of the update
+    into a single pass over both buffers; otherwise as two vector-matrix products."""
+    if gamma.shape[0] > 8 or dy.shape[1] < LARGE_STATE:
         return gamma @ dy - h0 * (gamma @ dr)
     out = gamma[0] * (dy[0] - h0 * dr[0])
     for j in range(1, gamma.shape[0]):
@@ -227,9 +228,12 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
             progress=init_progress(y_flat, self.trace_length),
         )
 
-    def _last_evaluated(self, state: _AndersonState) -> tuple[Array, Array]:
+    def _last_evaluated(self, state: _AndersonState) -> tuple[Array, Array] | None:
         # The base point of the latest step: the last evaluated point, unless that
         # step was a restart (from the best point, when the last one was not the best).
+        # The best point is kept lazily on large states only (see `LARGE_STATE`).
+        if state.y_prev.size < LARGE_STATE:
+            return None
         return state.y_prev, state.r_prev
 
     def step(
