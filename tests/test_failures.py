@@ -439,8 +439,15 @@ def test_best_point_is_the_last_evaluated_one_when_the_next_iterate_is_not_finit
     np.testing.assert_array_equal(y_out, y0)
 
 
-def _solve_big(solver, mode, reps):
-    return optx.fixed_point(_zoo, solver, jnp.tile(Y0, reps), mode, max_steps=60, throw=False)
+def _solve_big(solver, mode):
+    from fixedpoint._solver._common import LARGE_STATE
+
+    y0 = jnp.tile(Y0, LARGE_STATE // Y0.size)
+    return optx.fixed_point(_zoo, solver, y0, mode, max_steps=60, throw=False)
+
+
+# One compilation for every mode (a runtime argument).
+_solve_big_anderson = jax.jit(lambda mode: _solve_big(SOLVERS["anderson"], mode))
 
 
 @pytest.mark.parametrize("mode", [NAN_LATER, EXPAND, CONTRACT, CLIFF])
@@ -451,43 +458,39 @@ def test_large_state_gives_the_outcome_of_the_small_one(mode):
     y0 repeated 2048 times has the same iterates (up to the rounding of the longer sums),
     norms and decisions: the same step count, result and returned point (the best one
     after a NaN, y0 after a divergence)."""
-    from fixedpoint._solver._common import LARGE_STATE
-
-    reps = LARGE_STATE // Y0.size
-    solver = fp.Anderson()
-    small = solve(solver, mode)
-    sol = jax.jit(lambda m: _solve_big(solver, m, reps))(jnp.asarray(mode, jnp.int32))
+    small = solve(SOLVERS["anderson"], mode)
+    sol = _solve_big_anderson(jnp.asarray(mode, jnp.int32))
+    reps = sol.value.size // Y0.size
     assert int(sol.result._value) == int(small.result._value)
     assert int(sol.stats["num_steps"]) == int(small.stats["num_steps"])
     np.testing.assert_allclose(sol.value, jnp.tile(small.value, reps), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", [NAN_LATER, BLOWUP, CONTRACT, CLIFF])
-def test_lazy_best_point_gives_what_the_eager_one_gives(mode, monkeypatch):
-    """The lazy best point (large states) against the same solve with the best point
+def test_lazy_best_point_gives_what_the_eager_one_gives(monkeypatch):
+    """The lazy best point (large states) against the same solves with the best point
     copied at every improvement (`_last_evaluated` returning None): bit-identical
     values, step counts, results and residual norms, through NaN, restarts (BLOWUP)
-    and divergence, alone and under vmap."""
-    from fixedpoint._solver._common import LARGE_STATE
-
-    reps = LARGE_STATE // Y0.size
-    solver = fp.Anderson()
-    modes = jnp.asarray([mode, CONTRACT], jnp.int32)
+    and divergence (CLIFF), one by one and under vmap."""
+    modes = jnp.asarray([NAN_LATER, BLOWUP, CONTRACT, CLIFF], jnp.int32)
 
     def run():
-        one = jax.jit(lambda m: _solve_big(solver, m, reps))(modes[0])
-        both = jax.jit(jax.vmap(lambda m: _solve_big(solver, m, reps)))(modes)
+        solve_one = jax.jit(lambda m: _solve_big(fp.Anderson(), m))
+        one = [solve_one(m) for m in modes]
+        both = jax.jit(jax.vmap(lambda m: _solve_big(fp.Anderson(), m)))(modes)
         return one, both
 
     lazy = run()
     monkeypatch.setattr(fp.Anderson, "_last_evaluated", lambda self, state: None)
     eager = run()
-    for a, b in zip(lazy, eager):
+    pairs = list(zip(lazy[0], eager[0])) + [(lazy[1], eager[1])]
+    for a, b in pairs:
         np.testing.assert_array_equal(a.value, b.value)
         np.testing.assert_array_equal(a.result._value, b.result._value)
         np.testing.assert_array_equal(a.stats["num_steps"], b.stats["num_steps"])
         np.testing.assert_array_equal(a.stats["residual_norm"], b.stats["residual_norm"])
         assert bool(jnp.all(jnp.isfinite(a.value)))
+    # The batch really mixes outcomes: NaN, success after restarts, divergence.
+    assert len({int(r) for r in lazy[1].result._value}) == 3
 
 
 @pytest.mark.parametrize("name", BASIC)

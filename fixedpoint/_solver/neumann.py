@@ -35,8 +35,15 @@ class Neumann(AbstractFixedPointRootFinder[Y, Out, Aux, _NeumannState]):
     **Stopping rule** (shared by all solvers of this package): stop at the first
     evaluated $y_k$ with `norm(g(y_k) / (atol + rtol * |y_k|)) < 1`, and return that
     $y_k$. One evaluation of $g$ per step, so `sol.stats["num_steps"]` counts them.
+    (For `optx.max_norm` it is evaluated as `|g_i| < atol + rtol |y_i|` for every
+    element, without dividing; for `optx.rms_norm` and `optx.two_norm` on a state of
+    4,096 numbers or more, `norm(g) >= 1.01 (atol + rtol max|y|)` rules convergence out
+    first, and the divisions are made only when that cannot decide. The decisions are
+    those of the rule as written.)
 
-    **Failures:** a non-finite residual gives `RESULTS.nonfinite`; a residual norm
+    **Failures:** a non-finite residual gives `RESULTS.nonfinite` (a NaN anywhere in it,
+    also with `optx.max_norm`, whose reduction on XLA's CPU backend skips NaN in arrays
+    of 4,096 or more elements: the solvers map NaN to infinity before it); a residual norm
     larger than `divergence_factor` times the best one so far at `divergence_patience`
     evaluations in a row gives `RESULTS.nonlinear_divergence` (a single rise is not
     failure; the other methods' safeguards act in between); running out of steps gives
