@@ -260,7 +260,8 @@ def test_normalised_dropout_cell_gradient_matches_finite_differences():
             z, _ = deq(x, key=jax.random.key(5))
             return jnp.sum(readout * z)
 
-        g_params, g_x = jax.grad(loss, argnums=(0, 1))(params, x)
+        g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+        loss = jax.jit(loss)  # one compilation for the 26 evaluations below
         flat, unravel = jax.flatten_util.ravel_pytree(params)
         flat_grad, _ = jax.flatten_util.ravel_pytree(g_params)
         eps = 1e-6
@@ -464,8 +465,10 @@ def test_correction_states_and_gradient_match_unrolled_differentiation():
         w = jnp.array(fd.correction_weights(2))
         return jnp.sum(w[None, :, None] * states * readout), states
 
-    (value, states), grads = eqx.filter_value_and_grad(loss, has_aux=True)(cell)
-    (value_ref, states_ref), grads_ref = eqx.filter_value_and_grad(reference, has_aux=True)(cell)
+    (value, states), grads = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))(cell)
+    (value_ref, states_ref), grads_ref = eqx.filter_jit(
+        eqx.filter_value_and_grad(reference, has_aux=True)
+    )(cell)
     np.testing.assert_allclose(states, states_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(value, value_ref, rtol=1e-5)
     for a, b in zip(jtu.tree_leaves(grads), jtu.tree_leaves(grads_ref), strict=True):
