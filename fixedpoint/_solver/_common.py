@@ -155,16 +155,22 @@ def secant_scale(s: Array, d: Array, acc: jnp.dtype, small: float) -> tuple[Arra
 # Progress: what is common to every method's loop state.
 
 
+_CONVERGED, _DIVERGED, _NONFINITE = 1, 2, 4
+
+
 class Progress(eqx.Module):
     """Bookkeeping shared by all methods (part of each solver state).
 
-    - `converged`: the last evaluated point met the stopping rule.
+    - `status`: bit flags of the last evaluated point (one integer rather than three
+      booleans: fewer loop-carried scalars, each of which XLA's CPU backend schedules
+      as its own task), read through the properties:
+      - `converged` (bit 0): it met the stopping rule;
+      - `diverged` (bit 1): `num_above` reached `divergence_patience`: the residual
+        stayed far above the best for that many evaluations, whatever the method's
+        safeguard (restart, backtracking) did in between;
+      - `nonfinite` (bit 2): its residual was NaN or infinite.
     - `num_above`: how many evaluations in a row (up to the last one) had a residual
       norm above `divergence_factor` x the best one seen before them.
-    - `diverged`: `num_above` reached `divergence_patience`: the residual stayed far
-      above the best for that many evaluations, whatever the method's safeguard (restart,
-      backtracking) did in between.
-    - `nonfinite`: the last residual was NaN or infinite.
     - `residual_norm`: `norm(g(y))` at the last evaluated point (real, also for complex
       states).
     - `best_norm`, `y_best`, `r_best`: the smallest residual norm seen, its point and
@@ -176,16 +182,26 @@ class Progress(eqx.Module):
     """
 
     step: Int[Array, ""]
-    converged: Bool[Array, ""]
+    status: Int[Array, ""]
     num_above: Int[Array, ""]
-    diverged: Bool[Array, ""]
-    nonfinite: Bool[Array, ""]
     residual_norm: Scalar
     best_norm: Scalar
     y_best: Float[Array, " n"]
     r_best: Float[Array, " n"]
     best_is_last: Bool[Array, ""]
     trace: Float[Array, " trace"]
+
+    @property
+    def converged(self) -> Bool[Array, ""]:
+        return (self.status & _CONVERGED) != 0
+
+    @property
+    def diverged(self) -> Bool[Array, ""]:
+        return (self.status & _DIVERGED) != 0
+
+    @property
+    def nonfinite(self) -> Bool[Array, ""]:
+        return (self.status & _NONFINITE) != 0
 
 
 def init_progress(y_flat: Array, trace_length: int) -> Progress:
@@ -195,10 +211,8 @@ def init_progress(y_flat: Array, trace_length: int) -> Progress:
     false = jnp.array(False)
     return Progress(
         step=jnp.array(0),
-        converged=false,
+        status=jnp.array(0, jnp.int32),
         num_above=jnp.array(0),
-        diverged=false,
-        nonfinite=false,
         residual_norm=inf,
         best_norm=inf,
         y_best=y_flat,
@@ -332,6 +346,11 @@ def update_progress(
     num_above = jnp.where(above, progress.num_above + 1, 0)
     diverged = num_above >= divergence_patience
     better = (r_norm < progress.best_norm) & ~nonfinite & ~frozen
+    status = (
+        jnp.where(converged, _CONVERGED, 0)
+        | jnp.where(diverged, _DIVERGED, 0)
+        | jnp.where(nonfinite, _NONFINITE, 0)
+    ).astype(progress.status.dtype)
     if last is None:
         y_best = jnp.where(better, y_flat, progress.y_best)
         r_best = jnp.where(better, r_flat, progress.r_best)
@@ -345,10 +364,8 @@ def update_progress(
     trace_slot = jnp.where(frozen, progress.trace.size, progress.step)  # dropped if frozen
     return Progress(
         step=progress.step + jnp.where(frozen, 0, 1).astype(progress.step.dtype),
-        converged=jnp.where(frozen, progress.converged, converged),
+        status=jnp.where(frozen, progress.status, status),
         num_above=jnp.where(frozen, progress.num_above, num_above),
-        diverged=jnp.where(frozen, progress.diverged, diverged),
-        nonfinite=jnp.where(frozen, progress.nonfinite, nonfinite),
         residual_norm=jnp.where(frozen, progress.residual_norm, r_norm),
         best_norm=jnp.where(better, r_norm, progress.best_norm),
         y_best=y_best,
@@ -379,7 +396,7 @@ def is_done(progress: Progress) -> Bool[Array, ""]:
     still evaluates the function once). optimistix never steps a finished solve; a
     batch of solves run in one loop until every sample has finished
     (`fixedpoint._iterate`) relies on it."""
-    return progress.converged | progress.diverged | progress.nonfinite
+    return progress.status != 0
 
 
 def termination_result(progress: Progress) -> tuple[Bool[Array, ""], optx.RESULTS]:
