@@ -177,7 +177,7 @@ class Progress(eqx.Module):
       its residual. On failure the solver returns `y_best`, never a worse iterate.
     - `best_is_last`: the best point is the last evaluated one, and `y_best`, `r_best`
       are stale (only for a solver that keeps its last evaluated point and passes it
-      to `update_progress`, see there): see `best_point`.
+      to `update_progress`, see there; `select_output` reads it).
     - `trace`: `norm(g(y_k))` of the first `trace_length` steps (NaN after the last).
     """
 
@@ -327,7 +327,8 @@ def update_progress(
     row.
 
     Best point: by default `y_best`, `r_best` are replaced whenever the new point is
-    better (a select, which on tiny problems costs less than a conditional write). A solver that keeps its last evaluated point (as flat `y`, `r`) whenever
+    better (a select, which on tiny problems costs less than a conditional write). A
+    solver that keeps its last evaluated point (as flat `y`, `r`) whenever
     `progress.best_is_last` holds passes it as `last`: then a better point is not
     copied at all (`best_is_last` says so), and the buffers are written only when a
     point that was the best stops being the last one. On a solve whose residual
@@ -376,15 +377,6 @@ def update_progress(
             if progress.trace.size
             else progress.trace
         ),
-    )
-
-
-def best_point(progress: Progress, y_flat: Array, r_flat: Array) -> tuple[Array, Array]:
-    """The best point evaluated and its residual, given the last evaluated point
-    (`y_best`, `r_best` are stale while `best_is_last` holds)."""
-    return (
-        jnp.where(progress.best_is_last, y_flat, progress.y_best),
-        jnp.where(progress.best_is_last, r_flat, progress.r_best),
     )
 
 
@@ -437,8 +429,8 @@ def select_output(
     # `y_best` starts as y0, so a function that is non-finite from the first
     # evaluation returns y0 (with the non-finite residual reported).
     y_best = progress.y_best
-    if last is not None:
-        y_best = best_point(progress, *last)[0]
+    if last is not None:  # (`y_best` is stale while the best point is the last one)
+        y_best = jnp.where(progress.best_is_last, last[0], y_best)
     y_out = tree_where(broken, unravel_like(y_best, y), y)
     finite_best = broken & jnp.isfinite(progress.best_norm)
     stats = {"residual_norm": jnp.where(finite_best, progress.best_norm, progress.residual_norm)}
