@@ -493,6 +493,67 @@ def test_lazy_best_point_gives_what_the_eager_one_gives(monkeypatch):
     assert len({int(r) for r in lazy[1].result._value}) == 3
 
 
+def test_anderson_ignores_whatever_its_empty_history_rows_hold():
+    """On a large state Anderson writes the history rows of a step that pushes no pair
+    (the first step, a restart) as they are, and ignores them: the coefficients and the
+    combination over the valid rows must be those of zeroed rows, also when the
+    ignored rows (and so their Gram entries) hold infinities and NaN."""
+    from fixedpoint._solver._common import LARGE_STATE
+    from fixedpoint._solver.anderson import _combine, _rows_zeroed, anderson_coefficients
+
+    m, n = 4, LARGE_STATE
+    assert not _rows_zeroed(m, n)
+    rng = np.random.default_rng(0)
+    dy, dr = (rng.normal(size=(m, n)).astype(np.float32) for _ in range(2))
+    r = rng.normal(size=n).astype(np.float32)
+    valid = jnp.array([True, False, True, False])
+    clean_dy, clean_dr = dy * np.asarray(valid)[:, None], dr * np.asarray(valid)[:, None]
+    dirty_dy, dirty_dr = dy.copy(), dr.copy()
+    dirty_dy[1, :3], dirty_dr[1, 5] = np.inf, np.nan
+    dirty_dr[3, 7], dirty_dy[3, 9] = -np.inf, np.nan
+
+    def coefficients(dy, dr):
+        with np.errstate(invalid="ignore", over="ignore"):
+            gram, dr_r = dr.astype(np.float64) @ dr.T, dr.astype(np.float64) @ r
+        return anderson_coefficients(
+            jnp.asarray(gram, jnp.float32), jnp.asarray(dr_r, jnp.float32), valid, 1e-6
+        )
+
+    gamma = coefficients(clean_dy, clean_dr)
+    np.testing.assert_array_equal(coefficients(dirty_dy, dirty_dr), gamma)
+    assert float(jnp.max(jnp.abs(gamma))) > 0 and not np.any(np.asarray(gamma)[[1, 3]])
+    h0 = jnp.float32(-0.7)
+    expected = gamma @ (clean_dy - h0 * clean_dr)
+    np.testing.assert_allclose(
+        _combine(gamma, jnp.asarray(dirty_dy), jnp.asarray(dirty_dr), h0, valid),
+        expected,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_anderson_rows_left_as_written_change_nothing(monkeypatch):
+    """The same large-state solves with the empty rows zeroed (`_rows_zeroed` forced):
+    the same step counts, results and restarts, and the same values up to the rounding
+    of the two ways of combining the rows, through restarts (BLOWUP), NaN and
+    divergence."""
+    from fixedpoint._solver import anderson
+
+    modes = jnp.asarray([NAN_LATER, BLOWUP, CLIFF], jnp.int32)
+
+    def run():
+        return jax.jit(jax.vmap(lambda m: _solve_big(fp.Anderson(), m)))(modes)
+
+    kept = run()
+    monkeypatch.setattr(anderson, "_rows_zeroed", lambda m, n: True)
+    zeroed = run()
+    assert int(jnp.max(kept.state.num_restarts)) >= 1
+    np.testing.assert_array_equal(kept.result._value, zeroed.result._value)
+    np.testing.assert_array_equal(kept.stats["num_steps"], zeroed.stats["num_steps"])
+    np.testing.assert_array_equal(kept.state.num_restarts, zeroed.state.num_restarts)
+    np.testing.assert_allclose(kept.value, zeroed.value, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", BASIC)
 def test_one_nan_in_a_large_residual_is_detected(name):
     """XLA's CPU backend reduces 4,096 or more elements with a max that skips NaN, so

@@ -29,9 +29,10 @@ class _AndersonState(eqx.Module):
     gram: Float[Array, "m m"]  # conj(dr) @ dr.T (at least float32), one row and column per step
     count: Int[Array, ""]  # valid columns since the last restart (capped at m)
     index: Int[Array, ""]  # next ring slot to write
-    y_prev: Float[Array, " n"]
-    r_prev: Float[Array, " n"]
+    y_prev: Float[Array, " n"]  # the last evaluated point
+    r_prev: Float[Array, " n"]  # and its residual
     has_prev: Bool[Array, ""]
+    from_best: Bool[Array, ""]  # the latest step was a restart from the best point
     num_restarts: Int[Array, ""]
     restart_t: Scalar  # the step factor of the latest restart (or first) step
     restart_best: Scalar  # the best residual norm when it was taken
@@ -62,15 +63,25 @@ def _solve_hpd(a: Array, b: Array) -> Array:
     return jax.lax.fori_loop(0, m, eliminate, ab)[:, m]
 
 
-def _combine(gamma: Array, dy: Array, dr: Array, h0: Array) -> Array:
-    """``gamma @ (dy - h0 dr)``. For a short history on a large state, as one
-    elementwise expression over the rows, which XLA fuses with the rest of the update
-    into a single pass over both buffers; otherwise as two vector-matrix products."""
-    if gamma.shape[0] > 8 or dy.shape[1] < LARGE_STATE:
+def _rows_zeroed(m: int, n: int) -> bool:
+    """Whether the history rows of a step that does not push a pair (the first step, a
+    restart) are written as zeros. On a large state with a short history they are
+    written as they are, and ignored: `_combine` reads only the valid rows, in a
+    single fused pass; a select per row would cost a pass over the state."""
+    return m > 8 or n < LARGE_STATE
+
+
+def _combine(gamma: Array, dy: Array, dr: Array, h0: Array, valid: Array) -> Array:
+    """``gamma @ (dy - h0 dr)`` over the `valid` rows. As two vector-matrix products
+    when the invalid rows are zero (see `_rows_zeroed`); else as one elementwise
+    expression over the rows, which XLA fuses with the rest of the update into a
+    single pass over both buffers, skipping the invalid rows (which may hold anything,
+    also non-finite values)."""
+    if _rows_zeroed(*dy.shape):
         return gamma @ dy - h0 * (gamma @ dr)
-    out = gamma[0] * (dy[0] - h0 * dr[0])
-    for j in range(1, gamma.shape[0]):
-        out = out + gamma[j] * (dy[j] - h0 * dr[j])
+    out = jnp.zeros_like(dy[0])
+    for j in range(gamma.shape[0]):
+        out = out + jnp.where(valid[j], gamma[j] * (dy[j] - h0 * dr[j]), 0)
     return out
 
 
@@ -100,10 +111,12 @@ def anderson_coefficients(
     good = valid & (diag > jnp.finfo(dtype).tiny)
     # D^-1 (0 on empty columns, whose rows and columns of the system are then e_i,
     # so that their gamma_i = 0).
+    # (The entries of empty columns are zeroed, not scaled by 0: they may be anything.)
     inv = jnp.where(good, jax.lax.rsqrt(jnp.where(good, diag, 1)), 0).astype(dtype)
     i = jnp.arange(gram.shape[0])
+    gram = jnp.where(good[:, None] & good[None, :], gram, 0)
     system = (gram * inv[:, None] * inv[None, :]).at[i, i].add(jnp.where(good, reg, 1))
-    gamma = _solve_hpd(system, dr_r.astype(dtype) * inv) * inv
+    gamma = _solve_hpd(system, jnp.where(good, dr_r.astype(dtype), 0) * inv) * inv
     return jnp.where(jnp.isfinite(gamma), gamma, 0)
 
 
@@ -219,6 +232,7 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
             y_prev=jnp.zeros_like(y_flat),
             r_prev=jnp.zeros_like(y_flat),
             has_prev=jnp.array(False),
+            from_best=jnp.array(False),
             num_restarts=jnp.array(0),
             restart_t=jnp.array(1, real),
             restart_best=jnp.array(jnp.inf, real),
@@ -229,8 +243,6 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         )
 
     def _last_evaluated(self, state: _AndersonState) -> tuple[Array, Array] | None:
-        # The base point of the latest step: the last evaluated point, unless that
-        # step was a restart (from the best point, when the last one was not the best).
         # The best point is kept lazily on large states only (see `LARGE_STATE`).
         if state.y_prev.size < LARGE_STATE:
             return None
@@ -265,17 +277,28 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
             & ~frozen
         )
 
+        # The step just taken started from the point evaluated before, or from the best
+        # point if it was a restart. Then `y_best`, `r_best` were up to date, and still
+        # are when the best point is kept lazily: a step after a restart does not write
+        # them (see `update_progress`; read after the update, they need no copy).
+        # Selects that XLA fuses into the differences.
+        best = progress if self._last_evaluated(state) is not None else state.progress
+        s_k = y_k - jnp.where(state.from_best, best.y_best, state.y_prev)
+        d_k = r_k - jnp.where(state.from_best, best.r_best, state.r_prev)
+
         # Accepted point: push the new differences into the ring buffer. When not
-        # pushing (first step or restart) the history is empty afterwards, so the row
-        # is simply zeroed: no old row is read, and XLA writes the buffers in place.
+        # pushing (first step or restart) the history is empty afterwards: the row is
+        # zeroed, or written as it is and ignored (see `_rows_zeroed`).
         push = state.has_prev & ~reject & ~frozen
+        if _rows_zeroed(self.m, y_k.size):
+            s_new = jnp.where(push, s_k, 0)
+            d_new = jnp.where(push, d_k, 0)
+        else:
+            s_new, d_new = s_k, d_k
         i = state.index
-        s_k = y_k - state.y_prev
-        d_k = r_k - state.r_prev
         # (A finished solve writes out of range: the write is dropped.)
         slot = jnp.where(frozen, self.m, i)
-        d_new = jnp.where(push, d_k, 0)
-        dy = state.dy.at[slot].set(jnp.where(push, s_k, 0), mode="drop")
+        dy = state.dy.at[slot].set(s_new, mode="drop")
         dr = state.dr.at[slot].set(d_new, mode="drop")
         count = jnp.where(
             reject, 0, jnp.where(push, jnp.minimum(state.count + 1, self.m), state.count)
@@ -312,7 +335,7 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         # and c shrinks - by the minimiser of the secant model of g along the Picard
         # line, clipped to [1/10, 1/2], when the rejected point is that step itself,
         # else by 1/2 - so that no rejected point is evaluated again (backtracking).
-        # (That step is s = -c h0 r_best from y_prev = y_best, so the secant-model
+        # (That step is s = -c h0 r_best from y_best, so the secant-model
         # minimiser -Re(d* r_best) / |d|^2 is Re(d* s / (c h0)) / |d|^2.)
         c_h0 = state.restart_t.astype(acc) * state.h0
         ratio = jnp.real(d_s / jnp.where(c_h0 != 0, c_h0, 1)) / jnp.where(d_d > 0, d_d, 1)
@@ -325,12 +348,6 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         new_restart = reject | first
         restart_t = jnp.where(reject, c, jnp.where(first, 1, state.restart_t)).astype(real)
         restart_best = jnp.where(new_restart, progress.best_norm, state.restart_best)
-        # (On a reject the new point is not the best, so `y_best`, `r_best` are
-        # up to date: see `update_progress`. Selects that XLA fuses into their
-        # consumers: a conditional here cost two copies of each vector per step.)
-        y_base = jnp.where(reject, progress.y_best, y_k)
-        r_base = jnp.where(reject, progress.r_best, r_k)
-
         # Only row/column i of the (Hermitian) Gram matrix changes: one matrix-vector
         # product (m n) per step instead of a matrix product (m^2 n); accumulated in
         # at least float32. (With the new column as written, not read back from the
@@ -344,10 +361,16 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
             .set(gram_i, mode="drop")
         )
         valid = jnp.arange(self.m) < count
-        gamma = anderson_coefficients(gram, dot(dr, r_base, acc), valid, reg)
+        # (After a restart the history is empty and gamma = 0: r_k is the right-hand
+        # side also then.)
+        gamma = anderson_coefficients(gram, dot(dr, r_k, acc), valid, reg)
         gamma = gamma.astype(dtype)
         step = -h0_v * jnp.where(reject, c, 1).astype(dtype)
-        y_next = y_base + step * r_base - _combine(gamma, dy, dr, h0_v)
+        # On a reject the new point is not the best, so `y_best`, `r_best` are up to
+        # date (see `update_progress`); the selects are fused into the mixing.
+        y_base = jnp.where(reject, progress.y_best, y_k)
+        r_base = jnp.where(reject, progress.r_best, r_k)
+        y_next = y_base + step * r_base - _combine(gamma, dy, dr, h0_v, valid)
 
         new_state = _AndersonState(
             dy=dy,
@@ -355,9 +378,10 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
             gram=gram,
             count=count,
             index=index,
-            y_prev=y_base,
-            r_prev=r_base,
+            y_prev=y_k,
+            r_prev=r_k,
             has_prev=jnp.array(True),
+            from_best=reject,
             num_restarts=state.num_restarts + reject.astype(state.num_restarts.dtype),
             restart_t=restart_t,
             restart_best=restart_best,
