@@ -493,6 +493,63 @@ def test_broyden_solves_non_contractive_root_problems(name, enable_x64):
     assert not ok(root_cube(CUBE["neumann"], x0, coupled))
 
 
+def test_anderson_adaptive_beta(enable_x64):
+    """`adaptive_beta`: on a slowly contracting linear map (symmetric, spectral radius
+    0.99) the mixing grows to the measured contraction rate, never below beta: the same
+    closed-form solution (I - A)^-1 b in fewer evaluations, also batched in float32. On
+    the cube-root problem every secant pair has Re(d* s) > 0 (the Picard map expands),
+    so nothing changes there: bit-identical iterates to the default."""
+    rng = np.random.default_rng(3)
+    n = 40
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    a = (q * np.linspace(-0.5, 0.99, n)) @ q.T
+    b = rng.normal(size=n)
+    exact = np.linalg.solve(np.eye(n) - a, b)
+
+    @eqx.filter_jit
+    def solve(solver, a, b):
+        return optx.fixed_point(
+            lambda z, ab: ab[0] @ z + ab[1],
+            solver,
+            jnp.zeros_like(b),
+            (a, b),
+            max_steps=500,
+            throw=False,
+        )
+
+    base = fp.Anderson(rtol=0.0, atol=1e-10)
+    adaptive = fp.Anderson(rtol=0.0, atol=1e-10, adaptive_beta=True)
+    plain, adapted = solve(base, jnp.asarray(a), jnp.asarray(b)), solve(adaptive, a, b)
+    assert ok(plain) and ok(adapted)
+    np.testing.assert_allclose(adapted.value, exact, rtol=1e-8, atol=1e-8)
+    steps, adapted_steps = int(plain.stats["num_steps"]), int(adapted.stats["num_steps"])
+    assert adapted_steps < 0.8 * steps, (adapted_steps, steps)
+    assert float(adapted.state.h0) < -1.0 and float(plain.state.h0) == -1.0
+
+    # float32, a batch of three right-hand sides: the stopping rule bounds the residual
+    # (max norm, atol 1e-4), and the solutions are the closed forms to within what
+    # that residual allows (condition number 100).
+    bs = jnp.asarray(rng.normal(size=(3, n)), jnp.float32)
+    a32 = jnp.asarray(a, jnp.float32)
+    single = fp.Anderson(rtol=0.0, atol=1e-4, adaptive_beta=True)
+    batch = jax.vmap(lambda b: solve(single, a32, b))(bs)
+    assert bool(jnp.all(batch.result == optx.RESULTS.successful))
+    z = np.asarray(batch.value, np.float64)
+    residual = z @ a.T + np.asarray(bs, np.float64) - z
+    assert np.abs(residual).max() < 1.5e-4
+    exact32 = np.linalg.solve(np.eye(n) - a, np.asarray(bs, np.float64).T).T
+    np.testing.assert_allclose(z, exact32, rtol=0, atol=100 * 1.5e-4)
+
+    y0 = jnp.array([1.2, 1.3, 1.1])
+    cube = [
+        root_cube(fp.Anderson(rtol=0.0, atol=1e-10, adaptive_beta=f), y0, CUBE_ROOT_2)
+        for f in (False, True)
+    ]
+    assert ok(cube[0])
+    np.testing.assert_array_equal(cube[0].value, cube[1].value)
+    assert int(cube[0].stats["num_steps"]) == int(cube[1].stats["num_steps"])
+
+
 def test_broyden_line_search_from_farther_start(enable_x64):
     """With the line search, Broyden reaches the cube root from 2.0 and 0.5, and the
     search did backtrack on the way."""

@@ -40,6 +40,14 @@ def solvers(grid: str = "default", *, cache: CompileCache | None = None) -> list
             ),
             Ours("fp.Neumann(beta=0.5)", "picard", beta=0.5, cache=cache),
             Ours(
+                "fp.Anderson(m=5,adaptive_beta)",
+                "anderson",
+                differences=5,
+                m=5,
+                adaptive_beta=True,
+                cache=cache,
+            ),
+            Ours(
                 "fp.Broyden(memory=30,update=bad)",
                 "broyden",
                 differences=30,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-from .._validate import as_int, check_int, check_real
+from .._validate import as_int, check_bool, check_int, check_real
 from ._base import AbstractFixedPointRootFinder, Aux, Fn, Out, Y
 from ._common import (
     acc_dtype,
@@ -163,6 +163,18 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
     that had to be shrunk below 1/20 before it was accepted rescales $h_0$ again from
     its own pair (the steps were far too long).
 
+    **Adaptive mixing** (`adaptive_beta=True`, off by default): every later pair
+    $(s, d)$ along which the map contracts ($\operatorname{Re}(d^* s) < 0$) sets
+    $h_0 = -\max(\beta, \|s\|_2 / \|d\|_2)$: the Picard part of the step grows to
+    the inverse of the contraction rate the newest pair measured (a Barzilai-Borwein
+    step size), never below $\beta$. On slowly contracting, nearly linear maps it cuts
+    the evaluations (on the benchmark grid, `m = 5`: linear maps of spectral radius
+    0.9 / 0.99, 49 / 152 against 72 / 403; the MNIST DEQ cells 69 / 30 against 70 / 32
+    with 4 digits, equal with 32), at three scalar products per step; on root problems
+    whose history already captures the slow directions it costs evaluations
+    (Chandrasekhar's H-equation with c = 0.99: 18 against 11; Bratu's problem: 11
+    against 9), which is why it is off by default.
+
     **Safeguard:** if the residual at a new iterate exceeds `safeguard_factor` times the
     best residual seen so far, the extrapolation is rejected: the history is cleared and
     the next iterate is a Picard step from the best point, $y_{best} - c\, h_0\,
@@ -200,10 +212,12 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
     divergence_factor: float = 1e4
     divergence_patience: int = eqx.field(default=10, converter=as_int)
     trace_length: int = eqx.field(default=0, converter=as_int)
+    adaptive_beta: bool = False
 
     def __check_init__(self) -> None:
         check_int("m", self.m, low=1)
         check_real("beta", self.beta, low=0.0, high=1.0, low_open=True)
+        check_bool("adaptive_beta", self.adaptive_beta)
         check_real("regularisation", self.regularisation, low=0.0)
         check_real("safeguard_factor", self.safeguard_factor, low=1.0, low_open=True)
 
@@ -319,13 +333,21 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
             zero = jnp.zeros((), real)
             return state.h0, jnp.array(False), zero, jnp.zeros((), acc), zero, zero
 
-        fit, fit_ok, cosine, d_s, _, d_d = rarely(
-            state.pending_restart | ~state.scaled, secant, no_secant
-        )
+        if self.adaptive_beta:  # (needed at every step)
+            fit, fit_ok, cosine, d_s, _, d_d = secant()
+        else:
+            fit, fit_ok, cosine, d_s, _, d_d = rarely(
+                state.pending_restart | ~state.scaled, secant, no_secant
+            )
         keep = (cosine < 0.1) & (jnp.abs(fit) < 10 * self.beta)
         first_pair = push & ~state.scaled & ~keep
         short = push & state.scaled & state.pending_restart & (state.restart_t < 0.05)
         h0 = jnp.where((first_pair | short) & fit_ok, fit, state.h0)
+        if self.adaptive_beta:
+            # A later pair with Re(d* s) < 0 (the map contracts along it) sets the
+            # mixing to beta_k = max(beta, |s| / |d|), i.e. h0 = -beta_k.
+            grow = push & fit_ok & (cosine < 0) & state.scaled & ~state.pending_restart
+            h0 = jnp.where(grow, -jnp.maximum(self.beta, jnp.abs(fit)), h0).astype(h0.dtype)
         h0_v = h0.astype(dtype)
 
         # Base point of the mixing step: the new point, or the best one on restart,
@@ -415,4 +437,6 @@ Anderson.__init__.__doc__ = """**Arguments:**
     restarts in between shrink the step by at least 2 each).
 - `trace_length`: (>= 0) record the residual norm of the first `trace_length` steps in
     `sol.stats["residual_trace"]`.
+- `adaptive_beta`: (bool, default False) adapt the mixing to the contraction rate of
+    the newest secant pair at every step, as described above.
 """
