@@ -517,7 +517,7 @@ def test_anderson_ignores_whatever_its_empty_history_rows_hold():
         with np.errstate(invalid="ignore", over="ignore"):
             gram, dr_r = dr.astype(np.float64) @ dr.T, dr.astype(np.float64) @ r
         return anderson_coefficients(
-            jnp.asarray(gram, jnp.float32), jnp.asarray(dr_r, jnp.float32), valid, 1e-6
+            jnp.asarray(gram, jnp.float32), jnp.asarray(dr_r, jnp.float32), valid, jnp.asarray(1e-6)
         )
 
     gamma = coefficients(clean_dy, clean_dr)
