@@ -234,6 +234,7 @@ def test_mnist_random_cell_is_the_model_cell():
     assert problem.dim == model.state_side**2 * 4 and problem.batch_size == 2
 
 
+@pytest.mark.slow  # (about 25 s: it trains a model; run with -m slow)
 def test_mnist_trained_cell_from_a_checkpoint(tmp_path, monkeypatch, compile_cache):
     """Train a tiny model for a few steps, write its checkpoint, and build the trained
     problem from it: the same cell as the model's, a Newton-Krylov reference, and our
