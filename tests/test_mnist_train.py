@@ -350,6 +350,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
 
 
 @needs_data
+@pytest.mark.slow  # (about 18 s: a fresh process with 4 host devices; run with -m slow)
 def test_sharded_step_equals_unsharded():
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     proc = subprocess.run(
