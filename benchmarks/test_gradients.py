@@ -82,6 +82,7 @@ def test_gradient(benchmark, method, n):
         np.testing.assert_allclose(g, e, rtol=2e-2, atol=2e-3 * float(jnp.max(jnp.abs(e))))
 
 
+@pytest.mark.slow  # (about 9 s; run with -m slow)
 def test_memory_does_not_grow_with_iterations():
     """Peak temporary memory of one gradient at 10, 100 and 1,000 forward iterations:
     constant for the implicit adjoint, linear for unrolled differentiation that stores

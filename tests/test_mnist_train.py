@@ -767,6 +767,7 @@ TOOLKIT: dict[str, Any] = dict(
 
 
 @needs_data
+@pytest.mark.slow  # (about 13 s: the whole toolkit through the CLI; each piece has its own test)
 def test_toolkit_run_logs_every_piece_and_resumes_exactly(digits, tmp_path):
     train_x, train_y, test_x, test_y = digits
     data = (train_x[:128], train_y[:128], test_x[:64], test_y[:64])
