@@ -111,9 +111,9 @@ def anderson_coefficients(
     good = valid & (diag > jnp.finfo(dtype).tiny)
     # D^-1 (0 on empty columns, whose rows and columns of the system are then e_i,
     # so that their gamma_i = 0).
-    # (The entries of empty columns are zeroed, not scaled by 0: they may be anything.)
     inv = jnp.where(good, jax.lax.rsqrt(jnp.where(good, diag, 1)), 0).astype(dtype)
     i = jnp.arange(gram.shape[0])
+    # (The entries of empty columns are zeroed, not scaled by 0: they may be anything.)
     gram = jnp.where(good[:, None] & good[None, :], gram, 0)
     system = (gram * inv[:, None] * inv[None, :]).at[i, i].add(jnp.where(good, reg, 1))
     gamma = _solve_hpd(system, jnp.where(good, dr_r.astype(dtype), 0) * inv) * inv
@@ -274,9 +274,8 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         del options, tags
         best_before = state.progress.best_norm
         frozen = is_done(state.progress)  # a finished solve changes nothing (see is_done)
-        y_k, r_k, aux, progress = self._evaluate(
-            fn, y, args, state.progress, self._last_evaluated(state)
-        )
+        last = self._last_evaluated(state)
+        y_k, r_k, aux, progress = self._evaluate(fn, y, args, state.progress, last)
         dtype = y_k.dtype
         acc = state.gram.dtype
         real = state.restart_t.dtype
@@ -296,7 +295,7 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         # are when the best point is kept lazily: a step after a restart does not write
         # them (see `update_progress`; read after the update, they need no copy).
         # Selects that XLA fuses into the differences.
-        best = progress if self._last_evaluated(state) is not None else state.progress
+        best = progress if last is not None else state.progress
         s_k = y_k - jnp.where(state.from_best, best.y_best, state.y_prev)
         d_k = r_k - jnp.where(state.from_best, best.r_best, state.r_prev)
 
