@@ -677,6 +677,35 @@ def test_a_corrupt_checkpoint_names_the_file_and_the_fault(tmp_path, damage, mes
         assert re.search(message, capsys.readouterr().err)
 
 
+def test_a_checkpoint_holds_arrays_only_so_new_solver_options_keep_it_readable(tmp_path):
+    # A checkpoint stores the arrays of the model, never its Python scalars (the
+    # solvers' hyperparameters, which the saved configuration rebuilds): a solver that
+    # gains an option does not shift the leaves of every existing checkpoint.
+    ckpt = tmp_path / "ckpt"
+    config = _saved_checkpoint(ckpt)
+    model = tr.make_model(config)
+    opt_state = tr.make_optimizer(config, 16).init(eqx.filter(model, eqx.is_inexact_array))
+
+    class WithNewOption(eqx.Module):  # the forward solver, with one more Python field
+        solver: Any
+        new_option: bool = True
+
+    changed = eqx.tree_at(lambda m: m.deq.solver, model, WithNewOption(model.deq.solver))
+    loaded = tr.load_checkpoint(ckpt, changed, opt_state, jax.random.key(0))
+    assert loaded is not None
+    _, got, *_ = loaded
+    assert got.deq.solver.new_option is True  # (not in the file: the like's value)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(eqx.filter(got, eqx.is_array)),
+        jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array)),
+    ):
+        np.testing.assert_array_equal(a, b)
+    # An extra array leaf is still refused.
+    grown = eqx.tree_at(lambda m: m.deq.solver, model, WithNewOption(jnp.zeros(3)))
+    with pytest.raises(tr.CheckpointError, match="not a checkpoint of this model"):
+        tr.load_checkpoint(ckpt, grown, opt_state, jax.random.key(0))
+
+
 def test_saved_files_follow_the_umask(tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     for umask, mode in ((0o027, 0o640), (0o002, 0o664)):

@@ -1,8 +1,9 @@
 """Checkpoints: write one atomically after every epoch, read it back to resume, and
 `load_model` (the trained model of a checkpoint, rebuilt from its configuration).
 
-A checkpoint (in `checkpoint_dir`) is ``ckpt-XXXX.eqx`` (the pytrees, via
-`eqx.tree_serialise_leaves`) and ``checkpoint.json`` (epoch, file name, history,
+A checkpoint (in `checkpoint_dir`) is ``ckpt-XXXX.eqx`` (the arrays of the pytrees, via
+`eqx.tree_serialise_leaves`; not their Python scalars, which the saved configuration
+rebuilds) and ``checkpoint.json`` (epoch, file name, history,
 config). Both are written to a temporary file and moved into place with `os.replace`;
 the JSON is written last and is the commit point, so an interrupted write never leaves
 a checkpoint that points to a missing or partial file (the temporary files such a write
@@ -113,7 +114,10 @@ def save_checkpoint(
         )
     name = f"ckpt-{epoch:04d}.eqx"
     trees = (model, opt_state, jax.random.key_data(key))
-    atomic_write(directory / name, lambda p: eqx.tree_serialise_leaves(p, host_tree(trees)))
+    atomic_write(
+        directory / name,
+        lambda p: eqx.tree_serialise_leaves(p, host_tree(trees), filter_spec=_write_array),
+    )
     meta = dict(epoch=epoch, file=name, history=history, config=dataclasses.asdict(config))
     write_text(directory / CHECKPOINT_JSON, json.dumps(meta, indent=1))
     for old in directory.glob("ckpt-*.eqx"):
@@ -122,9 +126,25 @@ def save_checkpoint(
     return directory / name
 
 
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _write_array(f, x) -> None:
+    """Serialise the array leaves only. The Python scalars of the model (the solvers'
+    hyperparameters, flags) are not written: `load_model` rebuilds them from the saved
+    configuration, so a new field of a solver or layer does not make every existing
+    checkpoint unreadable."""
+    if _is_array(x):
+        eqx.default_serialise_filter_spec(f, x)
+
+
 def _read_as_like(f, x):
-    """Deserialise one leaf in the dtype of `x`: a checkpoint written with 64-bit types
-    enabled (or not) loads in a process running the other way. The shape must match."""
+    """Deserialise one array leaf in the dtype of `x` (a checkpoint written with 64-bit
+    types enabled, or not, loads in a process running the other way; the shape must
+    match); a non-array leaf is not in the file (see `_write_array`) and stays `x`."""
+    if not _is_array(x):
+        return x
     if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating):
         value = np.load(f)
         if value.shape != x.shape:
