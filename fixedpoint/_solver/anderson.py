@@ -323,8 +323,9 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         # unless the secant scale agrees in sign with -beta and is less than 10 beta
         # in size; and again from the pair of a restart step that had to be shrunk
         # below 1/20 before it was accepted (such steps were far too long).
-        # (Only needed at the first pair and on the step after a restart: skipped
-        # otherwise, see `rarely`.)
+        # (Only needed at the first pair and on the step after a restart: on a large
+        # state skipped otherwise, see `rarely`; on a small one its three scalar
+        # products cost less than the conditional, which also takes longer to compile.)
         def secant():
             return secant_scale(s_k, d_k, acc, negligible(dtype))
 
@@ -332,7 +333,7 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
             zero = jnp.zeros((), real)
             return state.h0, jnp.array(False), zero, jnp.zeros((), acc), zero, zero
 
-        if self.adaptive_beta:  # (needed at every step)
+        if self.adaptive_beta or y_k.size < LARGE_STATE:  # (at every step)
             fit, fit_ok, cosine, d_s, _, d_d = secant()
         else:
             fit, fit_ok, cosine, d_s, _, d_d = rarely(
