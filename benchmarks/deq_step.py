@@ -10,7 +10,11 @@ torch==2.13.0 torchdeq``) gets the same model written in torch.
 Rows: the training step with the phantom gradient (5 steps), with implicit
 differentiation and a 5-step Neumann (torchdeq: ``fixed_point_iter``) backward, with a
 5-step `fixedpoint.linear.Anderson` backward (ours only), and the forward solve alone
-(projection + 10 steps, no gradient). Each figure is the median of ``--steps`` timed
+(projection + 10 steps, no gradient); then the cell alone, evaluated 10 times, and
+the cell's work in each framework's 5-step phantom backward (ours: one linearisation,
+4 vector-Jacobian products in the state and one in the parameters; torchdeq's: 5
+forward passes under autograd and their 5 products); the last row, the forward
+solve less the cell, is what the forward solver itself costs. Each figure is the median of ``--steps`` timed
 calls after warm-up; the frameworks are interleaved round by round so that load on a
 shared machine hits both alike.
 
@@ -111,6 +115,50 @@ def ours_forward() -> Callable[[], None]:
     return run
 
 
+def ours_cell() -> Callable[[], None]:
+    """The cell alone: 10 evaluations (no solver), from the projected input."""
+    from fixedpoint_deq.mnist.train import make_model
+
+    model = make_model(_our_config("phantom"))
+    x = jax.vmap(model.inject)(jnp.asarray(_data()[0]))
+    cell = model.deq.cell
+
+    @jax.jit
+    def evaluations(x):
+        step = jax.vmap(lambda z, xi: cell(z, xi))
+        return jax.lax.fori_loop(0, FWD_STEPS, lambda _, z: step(z, x), jnp.zeros_like(x))
+
+    def run():
+        jax.block_until_ready(evaluations(x))
+
+    return run
+
+
+def ours_cell_vjp() -> Callable[[], None]:
+    """The cell's work in our 5-step phantom backward: one linearisation at the fixed
+    point, 4 vector-Jacobian products in the state in a chain, one in the parameters."""
+    from fixedpoint_deq.mnist.train import make_model
+
+    model = make_model(_our_config("phantom"))
+    x = jax.vmap(model.inject)(jnp.asarray(_data()[0]))
+
+    @eqx.filter_jit
+    def vjps(cell, z, x):
+        _, pull = eqx.filter_vjp(lambda c, z: jax.vmap(c)(z, x), cell, z)
+
+        def step(_, carry):
+            u, acc = carry
+            return u + 0.5 * pull(u)[1], acc + u
+
+        u, acc = jax.lax.fori_loop(0, BWD_STEPS - 1, step, (jnp.ones_like(z), jnp.zeros_like(z)))
+        return pull(acc + u)[0]
+
+    def run():
+        jax.block_until_ready(vjps(model.deq.cell, 0.5 * x, x))
+
+    return run
+
+
 # ----------------------------------------------------------------------------- torchdeq
 
 
@@ -192,7 +240,52 @@ def torchdeq_forward() -> Callable[[], None]:
     return run
 
 
+def torchdeq_cell() -> Callable[[], None]:
+    import torch  # pyright: ignore[reportMissingImports]
+
+    model = _torch_model("phantom")
+    model.eval()
+    images = torch.from_numpy(_data()[0])
+    with torch.no_grad():
+        x = model.project_norm(torch.nn.functional.gelu(model.project(images)))
+
+    def run():
+        with torch.no_grad():
+            z = torch.zeros_like(x)
+            for _ in range(FWD_STEPS):
+                z = model.cell(z, x)
+
+    return run
+
+
+def torchdeq_cell_vjp() -> Callable[[], None]:
+    """The cell's work in torchdeq's 5-step phantom backward: 5 forward passes with
+    autograd and their vector-Jacobian products."""
+    import torch  # pyright: ignore[reportMissingImports]
+
+    model = _torch_model("phantom")
+    images = torch.from_numpy(_data()[0])
+    with torch.no_grad():
+        x = model.project_norm(torch.nn.functional.gelu(model.project(images)))
+    params = list(model.conv.parameters()) + list(model.norm.parameters())
+
+    def run():
+        u = torch.ones_like(x)
+        z = (0.5 * x).requires_grad_(True)
+        for _ in range(BWD_STEPS):
+            out = model.cell(z, x)
+            grads = torch.autograd.grad(out, [z] + params, u)
+            u = grads[0]
+
+    return run
+
+
 # ----------------------------------------------------------------------------- timing
+
+
+FORWARD = "forward solve alone (projection + 10 Anderson steps)"
+CELL = "the cell alone, 10 evaluations (no solver)"
+CELL_VJP = "the cell's work in a 5-step phantom backward (no solver)"
 
 
 @dataclasses.dataclass
@@ -222,11 +315,9 @@ def rows(with_torchdeq: bool) -> list[Row]:
             ours_train_step("implicit", "anderson"),
             None,
         ),
-        Row(
-            "forward solve alone (projection + 10 Anderson steps)",
-            ours_forward(),
-            peer(torchdeq_forward),
-        ),
+        Row(FORWARD, ours_forward(), peer(torchdeq_forward)),
+        Row(CELL, ours_cell(), peer(torchdeq_cell)),
+        Row(CELL_VJP, ours_cell_vjp(), peer(torchdeq_cell_vjp)),
     ]
 
 
@@ -265,6 +356,17 @@ def markdown(results: list[tuple[str, float, float]]) -> str:
         "| | ours [ms] | torchdeq [ms] | ours / torchdeq |",
         "| --- | ---: | ---: | ---: |",
     ]
+    medians = {name: (ours, peer) for name, ours, peer in results}
+    if FORWARD in medians and CELL in medians:
+        # What the solver itself costs: the forward solve less its 10 evaluations.
+        (f_ours, f_peer), (c_ours, c_peer) = medians[FORWARD], medians[CELL]
+        results = results + [
+            (
+                "forward solve less the cell (the solver's own work)",
+                f_ours - c_ours,
+                f_peer - c_peer,
+            )
+        ]
     for name, ours, peer in results:
         if np.isnan(peer):
             lines.append(f"| {name} | {ours:.1f} | - | - |")

@@ -61,7 +61,8 @@ def _float32(x) -> Array:
 class BackwardStats(eqx.Module):
     """Statistics of a backward pass, read as the cotangent of an adjoint's `stats`.
 
-    - `num_steps`: backward solver steps (matrix-vector products, i.e. VJPs of `f`).
+    - `num_steps`: backward solver steps (matrix-vector products, i.e. VJPs of `f`;
+      for [`fixedpoint.PhantomAdjoint`][] its `steps`, which take one VJP fewer).
     - `residual_norm`: `norm` of the backward linear residual at the returned solution
       (0 for the approximate adjoints, which solve nothing).
     - `failed`: 1 if the backward solve failed (did not converge, diverged or produced
@@ -242,7 +243,9 @@ class PhantomAdjoint(_AbstractStatsAdjoint):
     of this package's solvers (the weight of the new map value; optimistix's `damp` is
     the weight of the old iterate, $1 - \beta$).
 
-    **Cost:** $k$ VJPs of $f$ and no linear solve. **Bias:** the truncation error
+    **Cost:** $k - 1$ VJPs of $f$ with respect to $z$ (the last term of the sum
+    needs none; $k = 1$ is the Jacobian-free gradient) and one with respect to
+    $\theta$; no linear solve. **Bias:** the truncation error
     $((1-\beta) I + \beta J_f)^k$; it vanishes as $k \to \infty$ when the map
     contracts, and the direction stays a descent direction for small $\|J_f\|$. Often
     good enough for training, much cheaper than an exact solve.
@@ -265,7 +268,8 @@ def _unrolled(vjp_root, cotangent, steps: int, beta: float):
 
     Since z* is a root the iterates stay at z*, so every step has the same Jacobian:
     the input cotangent is VJP_theta(g at z*) applied to
-    w = beta * sum_{i<steps} (I + beta J_g^T)^i zbar.
+    w = beta * sum_{i<steps} (I + beta J_g^T)^i zbar: `steps - 1` VJPs with respect
+    to z (the term of the last step needs none).
     """
 
     def body(_, carry):
@@ -274,11 +278,10 @@ def _unrolled(vjp_root, cotangent, steps: int, beta: float):
         c = (c**ω + beta * vjp_root(c) ** ω).ω
         return c, acc
 
-    zeros = jtu.tree_map(jnp.zeros_like, cotangent)
-    if steps == 1:  # Jacobian-free: no VJP with respect to z at all.
-        _, w = body(0, (cotangent, zeros))
-    else:
-        _, w = jax.lax.fori_loop(0, steps, body, (cotangent, zeros))
+    c, acc = cotangent, jtu.tree_map(jnp.zeros_like, cotangent)
+    if steps > 1:  # (steps = 1, Jacobian-free: no VJP with respect to z at all)
+        c, acc = jax.lax.fori_loop(0, steps - 1, body, (c, acc))
+    w = (acc**ω + beta * c**ω).ω
     # A zero with the batch structure of the cotangent, so that under `vmap` the
     # statistics are per sample (and summed for an unbatched probe), as for the
     # implicit adjoint; a Python constant would be counted once per batch.
