@@ -83,10 +83,11 @@ def _params(model):
 # --------------------------------------------------------------------------- the layer
 
 
-def test_conv3x3_matches_lax_in_both_modes():
+@pytest.mark.parametrize("channels_out", [3, 4])  # (3: the cell's square convolution)
+def test_conv3x3_matches_lax_in_both_modes(channels_out):
     key1, key2, key3 = jax.random.split(jax.random.key(0), 3)
     u = jax.random.normal(key1, (6, 5, 3))
-    k = jax.random.normal(key2, (3, 3, 3, 4))
+    k = jax.random.normal(key2, (3, 3, 3, channels_out))
     t = jax.random.normal(key3, (6, 5, 3))
 
     def ref(k, u):
@@ -114,12 +115,14 @@ def test_conv3x3_matches_lax_in_both_modes():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_conv3x3_under_vmap():
+@pytest.mark.parametrize("channels_out", [3, 4])
+def test_conv3x3_under_vmap(channels_out):
     """Batched states (batch axis anywhere, as the primitive's leading dimension),
-    batched kernels, and the gradient of a batch."""
+    batched kernels, and the gradients of a batch (in the kernel, and in the states:
+    the transposed convolution)."""
     keys = jax.random.split(jax.random.key(1), 3)
     us = jax.random.normal(keys[0], (6, 5, 2, 3))  # batch axis 2
-    ks = jax.random.normal(keys[1], (2, 3, 3, 3, 4))
+    ks = jax.random.normal(keys[1], (2, 3, 3, 3, channels_out))
 
     def ref(k, u):
         return jax.lax.conv_general_dilated(
@@ -139,6 +142,16 @@ def test_conv3x3_under_vmap():
     np.testing.assert_allclose(
         jax.grad(lambda k: loss(conv3x3, k))(ks[0]),
         jax.grad(lambda k: loss(ref, k))(ks[0]),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+    def loss_states(conv, u):
+        return jnp.sum(jnp.sin(jax.vmap(conv, in_axes=(0, 2))(ks, u)))
+
+    np.testing.assert_allclose(
+        jax.grad(lambda u: loss_states(conv3x3, u))(us),
+        jax.grad(lambda u: loss_states(ref, u))(us),
         rtol=1e-4,
         atol=1e-4,
     )

@@ -19,20 +19,25 @@ solve then stops on its own tolerance and reports its own `DEQRecord`).
 **Layout (performance).** The parameters are ordinary `eqx.nn.Conv2d` /
 `eqx.nn.GroupNorm` layers, but the DEQ state is kept channels-last, ``(H, W, C)``,
 and the cell's convolution is `conv3x3`: XLA's CPU backend runs a channels-first
-convolution, or the transposed convolution of its reverse mode, several times slower inside
-a `while_loop` (where the forward and backward solvers call the cell) than outside one.
-`conv3x3` runs the primal as an NHWC/HWIO convolution and its derivative as an explicit
-im2col matrix product, which stays fast inside loops in both modes.
+convolution, or the transposed convolution that JAX derives for reverse mode (its kernel
+layout has the channel axes swapped), about 8x slower than an NHWC/HWIO one. `conv3x3`
+runs the primal and its tangent map as NHWC/HWIO convolutions, and the transpose of the
+tangent map (every VJP of the forward and backward solvers) as the NHWC/HWIO convolution
+with the flipped kernel; its derivative in the kernel is an im2col matrix product. On the
+64 x 28x28x12 cell, a linearisation and 4 VJPs take 17 ms, against 29 ms with an im2col
+transpose (the previous form) and about 90 ms with JAX's own transpose.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optimistix as optx
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._correction import FixedPointCorrection
@@ -67,23 +72,77 @@ def _conv_im2col(kernel: Array, u: Array) -> Array:
     return patches @ kernel.reshape(9 * c, -1)
 
 
+def _flipped(kernel: Array) -> Array:
+    """The HWIO kernel of the adjoint of the 'SAME' convolution with `kernel`: rotated
+    by 180 degrees, input and output channels swapped."""
+    return jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+
+
+def _is_zero(tangent) -> bool:
+    return isinstance(tangent, SymbolicZero)
+
+
+@jax.custom_jvp
+def _conv_linear(kernel: Array, v: Array) -> Array:
+    """The convolution ``v -> conv(kernel, v)`` as a linear map whose transpose (reverse
+    mode) is the convolution of the cotangent with the flipped kernel, both NHWC/HWIO.
+
+    Transposing `jax.lax.conv_general_dilated` itself gives a convolution whose kernel
+    layout has its channel axes swapped, which XLA's CPU backend runs about 8x slower;
+    `jax.lax.custom_linear_solve` is JAX's primitive for a linear map with a given
+    transpose (here `solve` is the map itself and `matvec` is never called). Its
+    derivative in the kernel (reverse mode through a forward-mode product, as the
+    Jacobian regulariser needs) is the custom JVP below."""
+    kernel = jax.lax.stop_gradient(kernel)
+    return jax.lax.custom_linear_solve(
+        lambda x: x,
+        v,
+        solve=lambda _, b: _conv_lax(kernel, b),
+        transpose_solve=lambda _, b: _conv_lax(_flipped(kernel), b),
+    )
+
+
+@functools.partial(_conv_linear.defjvp, symbolic_zeros=True)
+def _conv_linear_jvp(primals, tangents):
+    kernel, v = primals
+    d_kernel, d_v = tangents
+    out = _conv_linear(kernel, v)
+    terms = [] if _is_zero(d_v) else [_conv_linear(kernel, d_v)]
+    if not _is_zero(d_kernel):
+        terms.append(_conv_im2col(d_kernel, v))
+    return out, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(out)
+
+
 @jax.custom_jvp
 def conv3x3(kernel: Array, u: Array) -> Array:
     """3x3 'SAME' convolution, channels-last: ``u (H, W, I)``, ``kernel (3, 3, I, O)``.
 
-    Mathematically `jax.lax.conv_general_dilated`; the primal is that convolution and the
-    (linear) tangent map is the im2col form, so that reverse mode transposes slices and
-    a matrix product instead of a convolution (see the module docstring). Differentiable
-    to any order, in forward and reverse mode.
+    Mathematically `jax.lax.conv_general_dilated`. The primal is that convolution; the
+    tangent map in `u` is the same convolution, but as a linear map whose transpose
+    (reverse mode: the VJPs of the forward and backward solvers) is again an NHWC/HWIO
+    convolution, with the flipped kernel (see `_conv_linear`; for as many output as
+    input channels, else the im2col product); in the kernel it is the
+    im2col matrix product, whose transpose is one product (see the module docstring).
+    A tangent that is zero (the kernel's, in the VJPs of a solve) costs nothing.
+    Differentiable to any order, in forward and reverse mode.
     """
     return _conv_lax(kernel, u)
 
 
-@conv3x3.defjvp
+@functools.partial(conv3x3.defjvp, symbolic_zeros=True)
 def _conv3x3_jvp(primals, tangents):
     kernel, u = primals
     d_kernel, d_u = tangents
-    return _conv_lax(kernel, u), _conv_im2col(kernel, d_u) + _conv_im2col(d_kernel, u)
+    out = _conv_lax(kernel, u)
+    terms = []
+    if not _is_zero(d_u):
+        # (`_conv_linear` maps C channels to C: the cell's convolution.)
+        square = kernel.shape[2] == kernel.shape[3]
+        terms.append(_conv_linear(kernel, d_u) if square else _conv_im2col(kernel, d_u))
+    if not _is_zero(d_kernel):
+        terms.append(_conv_im2col(d_kernel, u))
+    tangent = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(out)
+    return out, tangent
 
 
 def _hwio(conv: eqx.nn.Conv2d) -> tuple[Array, Array]:
