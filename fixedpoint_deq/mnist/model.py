@@ -82,63 +82,53 @@ def _is_zero(tangent) -> bool:
     return isinstance(tangent, SymbolicZero)
 
 
-@jax.custom_jvp
-def _conv_linear(kernel: Array, v: Array) -> Array:
-    """The convolution ``v -> conv(kernel, v)`` as a linear map whose transpose (reverse
-    mode) is the convolution of the cotangent with the flipped kernel, both NHWC/HWIO.
+def _conv_primal(kernel: Array, u: Array) -> Array:
+    """``conv(kernel, u)``; for as many output as input channels (the cell's
+    convolution), written as a linear map of `u` whose transpose (reverse mode) is the
+    NHWC/HWIO convolution with the flipped kernel.
 
     Transposing `jax.lax.conv_general_dilated` itself gives a convolution whose kernel
-    layout has its channel axes swapped, which XLA's CPU backend runs about 8x slower;
+    layout has its channel axes swapped, which XLA's CPU backend runs about 8x slower.
     `jax.lax.custom_linear_solve` is JAX's primitive for a linear map with a given
-    transpose (here `solve` is the map itself and `matvec` is never called). Its
-    derivative in the kernel (reverse mode through a forward-mode product, as the
-    Jacobian regulariser needs) is the custom JVP below."""
+    transpose: here `solve` is the map itself and `matvec` is never called. (The
+    kernel is a constant of that map; `conv3x3`'s JVP differentiates in it.)"""
+    if kernel.shape[2] != kernel.shape[3]:
+        return _conv_lax(kernel, u)
     kernel = jax.lax.stop_gradient(kernel)
     return jax.lax.custom_linear_solve(
         lambda x: x,
-        v,
+        u,
         solve=lambda _, b: _conv_lax(kernel, b),
         transpose_solve=lambda _, b: _conv_lax(_flipped(kernel), b),
     )
-
-
-@functools.partial(_conv_linear.defjvp, symbolic_zeros=True)
-def _conv_linear_jvp(primals, tangents):
-    kernel, v = primals
-    d_kernel, d_v = tangents
-    out = _conv_linear(kernel, v)
-    terms = [] if _is_zero(d_v) else [_conv_linear(kernel, d_v)]
-    if not _is_zero(d_kernel):
-        terms.append(_conv_im2col(d_kernel, v))
-    return out, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(out)
 
 
 @jax.custom_jvp
 def conv3x3(kernel: Array, u: Array) -> Array:
     """3x3 'SAME' convolution, channels-last: ``u (H, W, I)``, ``kernel (3, 3, I, O)``.
 
-    Mathematically `jax.lax.conv_general_dilated`. The primal is that convolution; the
-    tangent map in `u` is the same convolution, but as a linear map whose transpose
-    (reverse mode: the VJPs of the forward and backward solvers) is again an NHWC/HWIO
-    convolution, with the flipped kernel (see `_conv_linear`; for as many output as
-    input channels, else the im2col product); in the kernel it is the
-    im2col matrix product, whose transpose is one product (see the module docstring).
-    A tangent that is zero (the kernel's, in the VJPs of a solve) costs nothing.
-    Differentiable to any order, in forward and reverse mode.
+    Mathematically `jax.lax.conv_general_dilated`. Its tangent map in `u` is itself
+    (for as many output as input channels, whose reverse mode is the convolution with
+    the flipped kernel, see `_conv_primal`; else the im2col matrix product); in the
+    kernel it is the im2col matrix product, whose transpose is one product (see the
+    module docstring). A zero tangent (the kernel's, in the VJPs of a solve) costs
+    nothing. Differentiable to any order, in forward and reverse mode.
     """
-    return _conv_lax(kernel, u)
+    return _conv_primal(kernel, u)
 
 
 @functools.partial(conv3x3.defjvp, symbolic_zeros=True)
 def _conv3x3_jvp(primals, tangents):
     kernel, u = primals
     d_kernel, d_u = tangents
-    out = _conv_lax(kernel, u)
+    # (Through `conv3x3`, so that a derivative of this rule, as reverse mode through a
+    # forward-mode product takes, uses this rule again: `_conv_primal` holds the kernel
+    # constant.)
+    out = conv3x3(kernel, u)
     terms = []
     if not _is_zero(d_u):
-        # (`_conv_linear` maps C channels to C: the cell's convolution.)
         square = kernel.shape[2] == kernel.shape[3]
-        terms.append(_conv_linear(kernel, d_u) if square else _conv_im2col(kernel, d_u))
+        terms.append(conv3x3(kernel, d_u) if square else _conv_im2col(kernel, d_u))
     if not _is_zero(d_kernel):
         terms.append(_conv_im2col(d_kernel, u))
     tangent = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(out)
