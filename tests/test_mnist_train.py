@@ -114,6 +114,20 @@ def test_conv3x3_matches_lax_in_both_modes(channels_out):
     for a, b in zip(g2, g2_ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
+    # Reverse mode of reverse mode (the kernel's derivative of a VJP in the state, as
+    # a regulariser written with VJPs takes), and forward mode of reverse mode.
+    def vjp_in_state(conv, k, u):
+        return jax.grad(lambda u: jnp.sum(jnp.tanh(conv(k, u)) ** 2))(u)
+
+    g3 = jax.grad(lambda k, u: jnp.sum(jnp.sin(vjp_in_state(conv3x3, k, u))), argnums=(0, 1))
+    g3_ref = jax.grad(lambda k, u: jnp.sum(jnp.sin(vjp_in_state(ref, k, u))), argnums=(0, 1))
+    for a, b in zip(g3(k, u), g3_ref(k, u)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    h = jax.jacfwd(lambda k: vjp_in_state(conv3x3, k, u))(k)
+    np.testing.assert_allclose(
+        h, jax.jacfwd(lambda k: vjp_in_state(ref, k, u))(k), rtol=1e-4, atol=1e-4
+    )
+
 
 @pytest.mark.parametrize("channels_out", [3, 4])
 def test_conv3x3_under_vmap(channels_out):

@@ -20,12 +20,15 @@ solve then stops on its own tolerance and reports its own `DEQRecord`).
 `eqx.nn.GroupNorm` layers, but the DEQ state is kept channels-last, ``(H, W, C)``,
 and the cell's convolution is `conv3x3`: XLA's CPU backend runs a channels-first
 convolution, or the transposed convolution that JAX derives for reverse mode (its kernel
-layout has the channel axes swapped), about 8x slower than an NHWC/HWIO one. `conv3x3`
-runs the primal and its tangent map as NHWC/HWIO convolutions, and the transpose of the
-tangent map (every VJP of the forward and backward solvers) as the NHWC/HWIO convolution
-with the flipped kernel; its derivative in the kernel is an im2col matrix product. On the
-64 x 28x28x12 cell, a linearisation and 4 VJPs take 17 ms, against 29 ms with an im2col
-transpose (the previous form) and about 90 ms with JAX's own transpose.
+layout has the channel axes swapped), several times slower than an NHWC/HWIO one, and
+the kernel gradient of a convolution much slower still inside a `while_loop` (where the
+solvers and the unrolled backward call the cell). `conv3x3` runs the primal as an
+NHWC/HWIO convolution and its derivative as an explicit im2col matrix product, which
+stays fast inside loops in both modes. (A linear map whose transpose is the convolution
+with the flipped kernel, through `lax.custom_linear_solve`, makes the VJPs in the state
+faster, 29 -> 17 ms for a linearisation and 4 VJPs of the 64 x 28x28x12 cell, but
+loses the kernel's derivative of such a VJP, so that reverse mode over reverse mode
+would be wrong: not used.)
 """
 
 from __future__ import annotations
@@ -72,67 +75,32 @@ def _conv_im2col(kernel: Array, u: Array) -> Array:
     return patches @ kernel.reshape(9 * c, -1)
 
 
-def _flipped(kernel: Array) -> Array:
-    """The HWIO kernel of the adjoint of the 'SAME' convolution with `kernel`: rotated
-    by 180 degrees, input and output channels swapped."""
-    return jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
-
-
 def _is_zero(tangent) -> bool:
     return isinstance(tangent, SymbolicZero)
-
-
-def _conv_primal(kernel: Array, u: Array) -> Array:
-    """``conv(kernel, u)``; for as many output as input channels (the cell's
-    convolution), written as a linear map of `u` whose transpose (reverse mode) is the
-    NHWC/HWIO convolution with the flipped kernel.
-
-    Transposing `jax.lax.conv_general_dilated` itself gives a convolution whose kernel
-    layout has its channel axes swapped, which XLA's CPU backend runs about 8x slower.
-    `jax.lax.custom_linear_solve` is JAX's primitive for a linear map with a given
-    transpose: here `solve` is the map itself and `matvec` is never called. (The
-    kernel is a constant of that map; `conv3x3`'s JVP differentiates in it.)"""
-    if kernel.shape[2] != kernel.shape[3]:
-        return _conv_lax(kernel, u)
-    kernel = jax.lax.stop_gradient(kernel)
-    return jax.lax.custom_linear_solve(
-        lambda x: x,
-        u,
-        solve=lambda _, b: _conv_lax(kernel, b),
-        transpose_solve=lambda _, b: _conv_lax(_flipped(kernel), b),
-    )
 
 
 @jax.custom_jvp
 def conv3x3(kernel: Array, u: Array) -> Array:
     """3x3 'SAME' convolution, channels-last: ``u (H, W, I)``, ``kernel (3, 3, I, O)``.
 
-    Mathematically `jax.lax.conv_general_dilated`. Its tangent map in `u` is itself
-    (for as many output as input channels, whose reverse mode is the convolution with
-    the flipped kernel, see `_conv_primal`; else the im2col matrix product); in the
-    kernel it is the im2col matrix product, whose transpose is one product (see the
-    module docstring). A zero tangent (the kernel's, in the VJPs of a solve) costs
-    nothing. Differentiable to any order, in forward and reverse mode.
+    Mathematically `jax.lax.conv_general_dilated`; the primal is that convolution and the
+    (linear) tangent map is the im2col form, so that reverse mode transposes slices and
+    a matrix product instead of a convolution (see the module docstring). A zero tangent
+    (the kernel's, when only the state is differentiated) costs nothing. Differentiable
+    to any order, in forward and reverse mode.
     """
-    return _conv_primal(kernel, u)
+    return _conv_lax(kernel, u)
 
 
 @functools.partial(conv3x3.defjvp, symbolic_zeros=True)
 def _conv3x3_jvp(primals, tangents):
     kernel, u = primals
     d_kernel, d_u = tangents
-    # (Through `conv3x3`, so that a derivative of this rule, as reverse mode through a
-    # forward-mode product takes, uses this rule again: `_conv_primal` holds the kernel
-    # constant.)
-    out = conv3x3(kernel, u)
-    terms = []
-    if not _is_zero(d_u):
-        square = kernel.shape[2] == kernel.shape[3]
-        terms.append(conv3x3(kernel, d_u) if square else _conv_im2col(kernel, d_u))
+    out = _conv_lax(kernel, u)
+    terms = [] if _is_zero(d_u) else [_conv_im2col(kernel, d_u)]
     if not _is_zero(d_kernel):
         terms.append(_conv_im2col(d_kernel, u))
-    tangent = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(out)
-    return out, tangent
+    return out, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(out)
 
 
 def _hwio(conv: eqx.nn.Conv2d) -> tuple[Array, Array]:
