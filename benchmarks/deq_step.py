@@ -13,9 +13,9 @@ differentiation and a 5-step Neumann (torchdeq: ``fixed_point_iter``) backward, 
 (projection + 10 steps, no gradient); then the cell alone, evaluated 10 times, and
 the cell's work in each framework's 5-step phantom backward (ours: one linearisation,
 4 vector-Jacobian products in the state and one in the parameters; torchdeq's: 5
-forward passes under autograd and their 5 products); the last row, the forward
-solve less the cell, is what the forward solver itself costs. Each figure is the median of ``--steps`` timed
-calls after warm-up; the frameworks are interleaved round by round so that load on a
+forward passes under autograd and their 5 products); the last row, the forward solve
+less the cell, is what the forward solver itself costs. Each figure is the median of
+``--steps`` timed calls after warm-up; the frameworks are interleaved round by round so that load on a
 shared machine hits both alike.
 
     python -m benchmarks.deq_step            # prints a markdown table
@@ -115,13 +115,17 @@ def ours_forward() -> Callable[[], None]:
     return run
 
 
-def ours_cell() -> Callable[[], None]:
-    """The cell alone: 10 evaluations (no solver), from the projected input."""
+def _our_cell_and_input():
+    """Our model's cell and the projected input of the batch."""
     from fixedpoint_deq.mnist.train import make_model
 
     model = make_model(_our_config("phantom"))
-    x = jax.vmap(model.inject)(jnp.asarray(_data()[0]))
-    cell = model.deq.cell
+    return model.deq.cell, jax.vmap(model.inject)(jnp.asarray(_data()[0]))
+
+
+def ours_cell() -> Callable[[], None]:
+    """The cell alone: 10 evaluations (no solver), from the projected input."""
+    cell, x = _our_cell_and_input()
 
     @jax.jit
     def evaluations(x):
@@ -137,10 +141,7 @@ def ours_cell() -> Callable[[], None]:
 def ours_cell_vjp() -> Callable[[], None]:
     """The cell's work in our 5-step phantom backward: one linearisation at the fixed
     point, 4 vector-Jacobian products in the state in a chain, one in the parameters."""
-    from fixedpoint_deq.mnist.train import make_model
-
-    model = make_model(_our_config("phantom"))
-    x = jax.vmap(model.inject)(jnp.asarray(_data()[0]))
+    cell, x = _our_cell_and_input()
 
     @eqx.filter_jit
     def vjps(cell, z, x):
@@ -154,7 +155,7 @@ def ours_cell_vjp() -> Callable[[], None]:
         return pull(acc + u)[0]
 
     def run():
-        jax.block_until_ready(vjps(model.deq.cell, 0.5 * x, x))
+        jax.block_until_ready(vjps(cell, 0.5 * x, x))
 
     return run
 
@@ -240,14 +241,22 @@ def torchdeq_forward() -> Callable[[], None]:
     return run
 
 
-def torchdeq_cell() -> Callable[[], None]:
+def _torch_model_and_input():
+    """The torch twin and the projected input of the batch (no graph)."""
     import torch  # pyright: ignore[reportMissingImports]
 
     model = _torch_model("phantom")
-    model.eval()
     images = torch.from_numpy(_data()[0])
     with torch.no_grad():
         x = model.project_norm(torch.nn.functional.gelu(model.project(images)))
+    return model, x
+
+
+def torchdeq_cell() -> Callable[[], None]:
+    import torch  # pyright: ignore[reportMissingImports]
+
+    model, x = _torch_model_and_input()
+    model.eval()
 
     def run():
         with torch.no_grad():
@@ -263,10 +272,7 @@ def torchdeq_cell_vjp() -> Callable[[], None]:
     autograd and their vector-Jacobian products."""
     import torch  # pyright: ignore[reportMissingImports]
 
-    model = _torch_model("phantom")
-    images = torch.from_numpy(_data()[0])
-    with torch.no_grad():
-        x = model.project_norm(torch.nn.functional.gelu(model.project(images)))
+    model, x = _torch_model_and_input()
     params = list(model.conv.parameters()) + list(model.norm.parameters())
 
     def run():

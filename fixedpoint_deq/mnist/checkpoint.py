@@ -126,16 +126,12 @@ def save_checkpoint(
     return directory / name
 
 
-def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
 def _write_array(f, x) -> None:
     """Serialise the array leaves only. The Python scalars of the model (the solvers'
     hyperparameters, flags) are not written: `load_model` rebuilds them from the saved
     configuration, so a new field of a solver or layer does not make every existing
     checkpoint unreadable."""
-    if _is_array(x):
+    if eqx.is_array(x):
         eqx.default_serialise_filter_spec(f, x)
 
 
@@ -143,7 +139,7 @@ def _read_as_like(f, x):
     """Deserialise one array leaf in the dtype of `x` (a checkpoint written with 64-bit
     types enabled, or not, loads in a process running the other way; the shape must
     match); a non-array leaf is not in the file (see `_write_array`) and stays `x`."""
-    if not _is_array(x):
+    if not eqx.is_array(x):
         return x
     if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating):
         value = np.load(f)
