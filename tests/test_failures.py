@@ -304,6 +304,7 @@ BAD_HYPERPARAMETERS = [
     (fp.Broyden, dict(divergence_patience=0), "divergence_patience"),
     (fp.Anderson, dict(divergence_patience=1.5), "divergence_patience"),
     (fp.Neumann, dict(divergence_patience=True), "divergence_patience"),
+    (fp.Neumann, dict(divergence_patience=2**20 + 1), "divergence_patience"),
     (fp.Broyden, dict(line_search="yes"), "line_search"),
     (fp.Broyden, dict(max_backtracks=-1), "max_backtracks"),
     (fp.Broyden, dict(update="ugly"), "update"),

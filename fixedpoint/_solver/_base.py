@@ -51,7 +51,7 @@ class AbstractFixedPointRootFinder(optx.AbstractRootFinder[Y, Out, Aux, SolverSt
     - `norm`: a function `PyTree -> scalar` for the stopping rule and the statistics.
     - `divergence_factor`: (> 1) a residual above this multiple of the best one seen
         counts towards divergence.
-    - `divergence_patience`: (>= 1) divergence is declared after this many
+    - `divergence_patience`: (1 to 2**20) divergence is declared after this many
         evaluations in a row above `divergence_factor` x the best.
     - `trace_length`: (>= 0) how many residual norms to record.
     """
@@ -68,7 +68,7 @@ class AbstractFixedPointRootFinder(optx.AbstractRootFinder[Y, Out, Aux, SolverSt
         check_real("atol", self.atol, low=0.0)
         check_callable("norm", self.norm, "PyTree -> scalar")
         check_real("divergence_factor", self.divergence_factor, low=1.0, low_open=True)
-        check_int("divergence_patience", self.divergence_patience, low=1)
+        check_int("divergence_patience", self.divergence_patience, low=1, high=2**20)
         check_int("trace_length", self.trace_length, low=0)
 
     def terminate(

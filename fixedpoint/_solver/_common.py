@@ -156,21 +156,25 @@ def secant_scale(s: Array, d: Array, acc: jnp.dtype, small: float) -> tuple[Arra
 
 
 _CONVERGED, _DIVERGED, _NONFINITE = 1, 2, 4
+_FLAGS = _CONVERGED | _DIVERGED | _NONFINITE
+_COUNT_SHIFT = 3  # `num_above` is kept in the bits above the flags
 
 
 class Progress(eqx.Module):
     """Bookkeeping shared by all methods (part of each solver state).
 
-    - `status`: bit flags of the last evaluated point (one integer rather than three
-      booleans: fewer loop-carried scalars, each of which XLA's CPU backend schedules
-      as its own task), read through the properties:
+    - `status`: bit flags of the last evaluated point and, above them, `num_above`
+      (one integer rather than three booleans and a count: fewer loop-carried scalars,
+      each of which XLA's CPU backend schedules as its own task), read through the
+      properties:
       - `converged` (bit 0): it met the stopping rule;
       - `diverged` (bit 1): `num_above` reached `divergence_patience`: the residual
         stayed far above the best for that many evaluations, whatever the method's
         safeguard (restart, backtracking) did in between;
       - `nonfinite` (bit 2): its residual was NaN or infinite.
-    - `num_above`: how many evaluations in a row (up to the last one) had a residual
-      norm above `divergence_factor` x the best one seen before them.
+      - `num_above` (bits 3 and up): how many evaluations in a row (up to the last
+        one) had a residual norm above `divergence_factor` x the best one seen before
+        them.
     - `residual_norm`: `norm(g(y))` at the last evaluated point (real, also for complex
       states).
     - `best_norm`, `y_best`, `r_best`: the smallest residual norm seen, its point and
@@ -183,7 +187,6 @@ class Progress(eqx.Module):
 
     step: Int[Array, ""]
     status: Int[Array, ""]
-    num_above: Int[Array, ""]
     residual_norm: Scalar
     best_norm: Scalar
     y_best: Float[Array, " n"]
@@ -203,6 +206,10 @@ class Progress(eqx.Module):
     def nonfinite(self) -> Bool[Array, ""]:
         return (self.status & _NONFINITE) != 0
 
+    @property
+    def num_above(self) -> Int[Array, ""]:
+        return self.status >> _COUNT_SHIFT
+
 
 def init_progress(y_flat: Array, trace_length: int) -> Progress:
     # Norms are real, also for a complex state (finfo(complex64).dtype is float32).
@@ -212,7 +219,6 @@ def init_progress(y_flat: Array, trace_length: int) -> Progress:
     return Progress(
         step=jnp.array(0),
         status=jnp.array(0, jnp.int32),
-        num_above=jnp.array(0),
         residual_norm=inf,
         best_norm=inf,
         y_best=y_flat,
@@ -344,13 +350,15 @@ def update_progress(
     nonfinite = ~jnp.isfinite(r_norm)
     converged = within & ~nonfinite
     above = (r_norm > divergence_factor * progress.best_norm) & ~nonfinite
-    num_above = jnp.where(above, progress.num_above + 1, 0)
+    # (capped at the patience: a solve stops there, and the count stays in its bits)
+    num_above = jnp.where(above, jnp.minimum(progress.num_above + 1, divergence_patience), 0)
     diverged = num_above >= divergence_patience
     better = (r_norm < progress.best_norm) & ~nonfinite & ~frozen
     status = (
         jnp.where(converged, _CONVERGED, 0)
         | jnp.where(diverged, _DIVERGED, 0)
         | jnp.where(nonfinite, _NONFINITE, 0)
+        | (num_above << _COUNT_SHIFT)
     ).astype(progress.status.dtype)
     if last is None:
         y_best = jnp.where(better, y_flat, progress.y_best)
@@ -366,7 +374,6 @@ def update_progress(
     return Progress(
         step=progress.step + jnp.where(frozen, 0, 1).astype(progress.step.dtype),
         status=jnp.where(frozen, progress.status, status),
-        num_above=jnp.where(frozen, progress.num_above, num_above),
         residual_norm=jnp.where(frozen, progress.residual_norm, r_norm),
         best_norm=jnp.where(better, r_norm, progress.best_norm),
         y_best=y_best,
@@ -388,7 +395,7 @@ def is_done(progress: Progress) -> Bool[Array, ""]:
     still evaluates the function once). optimistix never steps a finished solve; a
     batch of solves run in one loop until every sample has finished
     (`fixedpoint._iterate`) relies on it."""
-    return progress.status != 0
+    return (progress.status & _FLAGS) != 0
 
 
 def termination_result(progress: Progress) -> tuple[Bool[Array, ""], optx.RESULTS]:

@@ -432,7 +432,7 @@ Anderson.__init__.__doc__ = """**Arguments:**
     multiple of the best residual seen.
 - `divergence_factor`: (> 1) a residual above this multiple of the best one seen
     counts towards divergence (keep it above `safeguard_factor`).
-- `divergence_patience`: (>= 1) declare divergence after this many evaluations in a
+- `divergence_patience`: (1 to 2**20) declare divergence after this many evaluations in a
     row with a residual above `divergence_factor` x the best (default 10: the
     restarts in between shrink the step by at least 2 each).
 - `trace_length`: (>= 0) record the residual norm of the first `trace_length` steps in

@@ -410,7 +410,7 @@ Broyden.__init__.__doc__ = """**Arguments:**
     abandoned.
 - `divergence_factor`: (> 1) a residual above this multiple of the best one seen
     counts towards divergence.
-- `divergence_patience`: (>= 1) declare divergence after this many evaluations in a
+- `divergence_patience`: (1 to 2**20) declare divergence after this many evaluations in a
     row with a residual above `divergence_factor` x the best (default 10: more than
     the backtracks along one direction, so that divergence means that backtracking
     did not bring the residual back).

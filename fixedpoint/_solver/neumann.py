@@ -116,7 +116,7 @@ Neumann.__init__.__doc__ = """**Arguments:**
     `beta = 1 - damp`.
 - `divergence_factor`: (> 1) a residual norm above this multiple of the smallest one
     seen counts towards divergence.
-- `divergence_patience`: (>= 1) declare divergence after this many evaluations in a
+- `divergence_patience`: (1 to 2**20) declare divergence after this many evaluations in a
     row with a residual above `divergence_factor` x the smallest (default 3).
 - `trace_length`: (>= 0) record the residual norm of the first `trace_length` steps in
     `sol.stats["residual_trace"]`.
