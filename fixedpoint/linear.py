@@ -150,7 +150,7 @@ class AndersonLinearSolver(AbstractFixedPointLinearSolver):
     def __init__(self, rtol: float = 1e-4, atol: float = 1e-6, max_steps: int = 256, **kwargs: Any):
         """**Arguments:** `rtol`, `atol` and every other keyword (`norm`, `m`, `beta`,
         `regularisation`, `safeguard_factor`, `divergence_factor`,
-        `divergence_patience`) as for
+        `divergence_patience`, `adaptive_beta`, `periodic_restart`) as for
         [`fixedpoint.Anderson`][]; `max_steps` (>= 1) the most matrix-vector products.
         """
         self.root_finder = _AndersonRoot(rtol=rtol, atol=atol, **kwargs)

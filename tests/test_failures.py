@@ -298,6 +298,7 @@ BAD_HYPERPARAMETERS = [
     (fp.Anderson, dict(trace_length=-1), "trace_length"),
     (fp.Anderson, dict(norm="max"), "norm"),
     (fp.Anderson, dict(adaptive_beta=1), "adaptive_beta"),
+    (fp.Anderson, dict(periodic_restart="yes"), "periodic_restart"),
     (fp.Broyden, dict(memory=0), "memory"),
     (fp.Broyden, dict(beta=-0.5), "beta"),
     (fp.Broyden, dict(line_search=1), "line_search"),

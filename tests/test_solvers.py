@@ -550,6 +550,45 @@ def test_anderson_adaptive_beta(enable_x64):
     assert int(cube[0].stats["num_steps"]) == int(cube[1].stats["num_steps"])
 
 
+def test_anderson_periodic_restart_on_a_slowly_contracting_linear_map(enable_x64):
+    """`periodic_restart`: on the symmetric linear map of spectral radius 0.99 the
+    restarted history reaches the closed form (I - A)^-1 b in far fewer evaluations than
+    the windowed one (as restarted GMRES(m) against a truncated Krylov method), also
+    for a batch of right-hand sides in float32 under `vmap`."""
+    rng = np.random.default_rng(3)
+    n = 40
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    a = (q * np.linspace(-0.5, 0.99, n)) @ q.T
+    b = rng.normal(size=n)
+    exact = np.linalg.solve(np.eye(n) - a, b)
+
+    @eqx.filter_jit
+    def solve(solver, a, b):
+        return optx.fixed_point(
+            lambda z, ab: ab[0] @ z + ab[1],
+            solver,
+            jnp.zeros_like(b),
+            (a, b),
+            max_steps=500,
+            throw=False,
+        )
+
+    windowed = solve(fp.Anderson(rtol=0.0, atol=1e-10), jnp.asarray(a), jnp.asarray(b))
+    restarted = solve(fp.Anderson(rtol=0.0, atol=1e-10, periodic_restart=True), a, b)
+    assert ok(windowed) and ok(restarted)
+    np.testing.assert_allclose(restarted.value, exact, rtol=1e-8, atol=1e-8)
+    steps, restarted_steps = int(windowed.stats["num_steps"]), int(restarted.stats["num_steps"])
+    assert restarted_steps < 0.7 * steps, (restarted_steps, steps)
+
+    bs = jnp.asarray(rng.normal(size=(3, n)), jnp.float32)
+    single = fp.Anderson(rtol=0.0, atol=1e-4, periodic_restart=True)
+    batch = jax.vmap(lambda b: solve(single, jnp.asarray(a, jnp.float32), b))(bs)
+    assert bool(jnp.all(batch.result == optx.RESULTS.successful))
+    z = np.asarray(batch.value, np.float64)
+    exact32 = np.linalg.solve(np.eye(n) - a, np.asarray(bs, np.float64).T).T
+    np.testing.assert_allclose(z, exact32, rtol=0, atol=100 * 1.5e-4)
+
+
 def test_broyden_line_search_from_farther_start(enable_x64):
     """With the line search, Broyden reaches the cube root from 2.0 and 0.5, and the
     search did backtrack on the way."""
@@ -599,6 +638,53 @@ def test_broyden_iterates_match_dense_broyden(memory, beta, update, enable_x64):
     for k in (1, 5, 9):
         sol = fixed(solver, jnp.zeros(N), (w, x, flag), max_steps=k)
         assert int(sol.stats["num_steps"]) == k
+        # After k evaluations the solver returns the point of its k-th step.
+        np.testing.assert_allclose(sol.value, expected[k - 1], rtol=1e-9, atol=1e-12)
+
+
+def _textbook_anderson(g, y0, m, steps, periodic_restart, reg=1e-8):
+    """Textbook type-II Anderson (Walker and Ni 2011) with h0 = -1, the least-squares
+    problem solved by its normal equations with unit-norm columns plus `reg`: the
+    points y_1, ..., y_steps it steps to. The history keeps the last `m` pairs or, with
+    `periodic_restart`, restarts when full from the newest pair alone."""
+    y, r = y0.copy(), g(y0)
+    dys, drs, points = [], [], []
+    for _ in range(steps):
+        if dys:
+            dy, dr = np.array(dys), np.array(drs)
+            norms = np.linalg.norm(dr, axis=1)
+            a = dr @ dr.T / np.outer(norms, norms) + reg * np.eye(len(dys))
+            gamma = np.linalg.solve(a, dr @ r / norms) / norms
+            y_next = y + r - gamma @ (dy + dr)
+        else:
+            y_next = y + r
+        r_next = g(y_next)
+        dys.append(y_next - y)
+        drs.append(r_next - r)
+        if len(dys) > m:
+            dys, drs = (dys[-1:], drs[-1:]) if periodic_restart else (dys[1:], drs[1:])
+        y, r = y_next, r_next
+        points.append(y)
+    return points
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("periodic_restart", [False, True])
+def test_anderson_iterates_match_textbook_anderson(m, periodic_restart, enable_x64):
+    """Step by step the textbook iteration, with the history windowed or periodically
+    restarted (m = 3 restarts twice in 9 steps). On this contraction (||W|| = 0.8) no
+    safeguard acts and the first secant pair keeps h0 = -1."""
+    w, x, flag = small_problem("float64", norm=0.8, seed=5)
+    wn, xn = np.asarray(w), np.asarray(x)
+    steps = 9
+    expected = _textbook_anderson(
+        lambda y: np.tanh(wn @ y + xn) - y, np.zeros(N), m, steps, periodic_restart
+    )
+    solver = fp.Anderson(rtol=0.0, atol=0.0, m=m, periodic_restart=periodic_restart)
+    for k in (1, 4, 6, 9):
+        sol = fixed(solver, jnp.zeros(N), (w, x, flag), max_steps=k)
+        assert int(sol.stats["num_steps"]) == k and int(sol.state.num_restarts) == 0
+        assert float(sol.state.h0) == -1.0
         # After k evaluations the solver returns the point of its k-th step.
         np.testing.assert_allclose(sol.value, expected[k - 1], rtol=1e-9, atol=1e-12)
 

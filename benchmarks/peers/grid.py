@@ -48,6 +48,14 @@ def solvers(grid: str = "default", *, cache: CompileCache | None = None) -> list
                 cache=cache,
             ),
             Ours(
+                "fp.Anderson(m=5,periodic_restart)",
+                "anderson",
+                differences=5,
+                m=5,
+                periodic_restart=True,
+                cache=cache,
+            ),
+            Ours(
                 "fp.Broyden(memory=30,update=bad)",
                 "broyden",
                 differences=30,

@@ -175,6 +175,18 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
     (Chandrasekhar's H-equation with c = 0.99: 18 against 11; Bratu's problem: 11
     against 9), which is why it is off by default.
 
+    **Periodic restart** (`periodic_restart=True`, off by default): a full history
+    restarts instead of dropping its oldest pair, keeping only the newest one, so that it
+    holds 1, 2, ..., m, 1, 2, ... pairs (restarted rather than windowed Anderson, cf. the
+    restarts of Henderson and Varadhan 2019). On a linear problem that makes each cycle
+    a GMRES(m)-like minimisation over a fresh Krylov space, where a window mixes pairs
+    from different cycles. On the benchmark grid (`m = 5`, same memory) it needs 42 /
+    95 evaluations against 72 / 403 on the symmetric linear maps of spectral radius
+    0.9 / 0.99 (n = 100; 42 / 129 against 66 / 462 with n = 1,000), and as many or
+    fewer on the other problems (up to 2 fewer on tanh cells and Bratu's problem), but
+    2 more on the trained MNIST DEQ cell with 32 digits (39 against 37) and 27 against
+    20 on SciPy's test problem F5, which is why it is off by default.
+
     **Safeguard:** if the residual at a new iterate exceeds `safeguard_factor` times the
     best residual seen so far, the extrapolation is rejected: the history is cleared and
     the next iterate is a Picard step from the best point, $y_{best} - c\, h_0\,
@@ -213,11 +225,13 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
     divergence_patience: int = eqx.field(default=10, converter=as_int)
     trace_length: int = eqx.field(default=0, converter=as_int)
     adaptive_beta: bool = False
+    periodic_restart: bool = False
 
     def __check_init__(self) -> None:
         check_int("m", self.m, low=1)
         check_real("beta", self.beta, low=0.0, high=1.0, low_open=True)
         check_bool("adaptive_beta", self.adaptive_beta)
+        check_bool("periodic_restart", self.periodic_restart)
         check_real("regularisation", self.regularisation, low=0.0)
         check_real("safeguard_factor", self.safeguard_factor, low=1.0, low_open=True)
 
@@ -313,9 +327,12 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         slot = jnp.where(frozen, self.m, i)
         dy = state.dy.at[slot].set(s_new, mode="drop")
         dr = state.dr.at[slot].set(d_new, mode="drop")
-        count = jnp.where(
-            reject, 0, jnp.where(push, jnp.minimum(state.count + 1, self.m), state.count)
-        )
+        pushed = jnp.minimum(state.count + 1, self.m)
+        if self.periodic_restart:
+            # A full history restarts: the new pair (written over the oldest, in slot
+            # 0, where a full ring's index is) is all it keeps.
+            pushed = jnp.where(state.count == self.m, 1, pushed)
+        count = jnp.where(reject, 0, jnp.where(push, pushed, state.count))
         index = jnp.where(reject, 0, jnp.where(push, (state.index + 1) % self.m, state.index))
 
         # The initial inverse-Jacobian estimate h0 I (h0 = -beta: the Picard step
@@ -439,4 +456,6 @@ Anderson.__init__.__doc__ = """**Arguments:**
     `sol.stats["residual_trace"]`.
 - `adaptive_beta`: (bool, default False) adapt the mixing to the contraction rate of
     the newest secant pair at every step, as described above.
+- `periodic_restart`: (bool, default False) restart the history when it is full,
+    keeping its newest pair, instead of dropping its oldest pair, as described above.
 """
