@@ -12,8 +12,9 @@ run: `python -m benchmarks.figures [--quick]`.
 2. Per-step overhead beyond the f evaluation at n = 10,000 (float32), as a fraction of
    one f evaluation: (time of k solver steps - time of k f evaluations) / time of k f
    evaluations, each a compiled loop, median of repeats.
-3. Gradient cost on the n = 1,000 tanh cell in float32 at rtol 1e-5: time of
-   value-and-grad / time of the forward solve, for each backward solver and dense LU.
+3. Gradient cost on the n = 1,000 tanh cell in float32 at rtol 1e-5: time of the
+   backward part of a gradient / time of the forward solve, for each backward solver
+   and dense LU (how each is timed: `gradient_cost`).
 4. Peak temporary memory (XLA's compiled memory analysis) of one gradient with the
    implicit adjoint vs unrolled differentiation at 10, 100 and 1,000 iterations.
 """
@@ -54,21 +55,6 @@ def _time(fn, *args, repeats=5):
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return float(np.min(times))
-
-
-def _time_interleaved(fns: dict, *args, rounds=40):
-    """Minimum wall time of each of `fns`, measured in interleaved rounds (one warm
-    call of each per round), so that a slow phase of a shared machine hits all of
-    them alike and ratios between them stay meaningful."""
-    for fn in fns.values():
-        jax.block_until_ready(fn(*args))
-    best = {name: np.inf for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 def evaluations(n=1000, tol=1e-8):
@@ -145,39 +131,72 @@ def overhead(n=10000, steps=20):
     return out
 
 
-def gradient_cost(n=1000, tol=1e-5):
+def gradient_cost(n=1000, tol=1e-5, copies=6, rounds=30):
+    """The backward part of a gradient against the forward solve: ``time(backward) /
+    time(forward)`` for each backward solver, and for dense LU.
+
+    For our iterative solvers the backward part is timed on its own: the pullback of
+    `jax.vjp` (computed once, under `jit`) applied to a cotangent runs the backward
+    linear solve and the vector-Jacobian product with the parameters, and nothing of
+    the forward solve. (Timing value-and-grad less the forward solve divides a
+    difference of two noisy times by one of them: for `linear.Anderson` it gave
+    0.84-2.15 in eight runs on 2026-12-01, this 1.23-1.47 in eight.) Dense LU forms and factorises the Jacobian
+    before it sees the cotangent, so that `jax.vjp` does that work and its pullback
+    only back-substitutes: it is timed as value-and-grad less the forward solve.
+
+    On this machine the time of a solve also depends on where its 4 MB matrix lies in
+    memory (up to 2x between two copies of the same data in one process): each time
+    is the minimum over interleaved rounds for each of `copies` separately allocated
+    copies of the problem, summed over the copies."""
     wx = _tanh_problem(n, 0.95, True, jnp.float32)
     z0 = jnp.zeros(n)
     solver = fp.Anderson(m=5, rtol=tol, atol=tol)
-    fns = {
-        "forward": jax.jit(lambda wx: optx.fixed_point(_cell, solver, z0, wx, max_steps=500).value)
+    data = [jax.tree_util.tree_map(lambda a: jnp.array(np.asarray(a)), wx) for _ in range(copies)]
+
+    def solve(wx, adjoint):
+        return optx.fixed_point(_cell, solver, z0, wx, max_steps=500, adjoint=adjoint).value
+
+    forward = jax.jit(lambda wx: optx.fixed_point(_cell, solver, z0, wx, max_steps=500).value)
+    apply = jax.jit(lambda pullback, cotangent: pullback(cotangent))
+    iterative = {
+        "linear.Anderson": fp.linear.Anderson(m=5, rtol=tol, atol=tol),
+        "linear.Broyden": fp.linear.Broyden(rtol=tol, atol=tol),
+        "linear.Neumann": fp.linear.Neumann(rtol=tol, atol=tol),
     }
-    adjoints = {
-        "linear.Anderson": fp.ImplicitAdjoint(fp.linear.Anderson(m=5, rtol=tol, atol=tol)),
-        "linear.Broyden": fp.ImplicitAdjoint(fp.linear.Broyden(rtol=tol, atol=tol)),
-        "linear.Neumann": fp.ImplicitAdjoint(fp.linear.Neumann(rtol=tol, atol=tol)),
-        "dense LU (lx.AutoLinearSolver)": optx.ImplicitAdjoint(
-            lx.AutoLinearSolver(well_posed=True)
-        ),
-    }
-    for name, adjoint in adjoints.items():
-        fns[name] = jax.jit(
-            jax.value_and_grad(
-                lambda wx, adjoint=adjoint: jnp.sum(
-                    optx.fixed_point(_cell, solver, z0, wx, max_steps=500, adjoint=adjoint).value
-                )
-            )
-        )
+    calls = {("forward", i): (forward, (d,)) for i, d in enumerate(data)}
+    for name, linear_solver in iterative.items():
+        adjoint = fp.ImplicitAdjoint(linear_solver)
+        vjp = jax.jit(lambda wx, adjoint=adjoint: jax.vjp(lambda wx: solve(wx, adjoint), wx))
+        for i, d in enumerate(data):
+            z, pullback = vjp(d)
+            calls[(name, i)] = (apply, (pullback, jnp.ones_like(z)))
+    best = _best_interleaved(calls, rounds)
+    total = {name: sum(best[(name, i)] for i in range(copies)) for name in ["forward", *iterative]}
+    out = {"forward solve (ms)": 1e3 * total["forward"] / copies}
+    for name in iterative:
+        out[name] = total[name] / total["forward"]  # backward cost / forward cost
     # Dense LU (~15x a forward solve) is timed on its own: interleaved, the heavy call
     # perturbs the timing of the call after it.
-    lu = "dense LU (lx.AutoLinearSolver)"
-    times = _time_interleaved({k: v for k, v in fns.items() if k != lu}, wx)
-    times[lu] = _time_interleaved({lu: fns[lu]}, wx, rounds=10)[lu]
-    t_fwd = times.pop("forward")
-    out = {"forward solve (ms)": 1e3 * t_fwd}
-    for name, t in times.items():
-        out[name] = (t - t_fwd) / t_fwd  # backward cost / forward cost
+    lu = optx.ImplicitAdjoint(lx.AutoLinearSolver(well_posed=True))
+    gradient = jax.jit(jax.value_and_grad(lambda wx: jnp.sum(solve(wx, lu))))
+    lu_calls = {("lu", i): (gradient, (d,)) for i, d in enumerate(data)}
+    lu_best = _best_interleaved(lu_calls, 5)
+    lu_total = sum(lu_best.values())
+    out["dense LU (lx.AutoLinearSolver)"] = (lu_total - total["forward"]) / total["forward"]
     return out
+
+
+def _best_interleaved(calls: dict, rounds: int) -> dict:
+    """Minimum wall time of each ``fn(*args)`` of `calls`, over interleaved rounds."""
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))
+    best = {key: np.inf for key in calls}
+    for _ in range(rounds):
+        for key, (fn, args) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return best
 
 
 def memory(n=256):

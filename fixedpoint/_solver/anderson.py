@@ -183,7 +183,7 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
     from different cycles. On the benchmark grid (`m = 5`, same memory) it needs 42 /
     95 evaluations against 72 / 403 on the symmetric linear maps of spectral radius
     0.9 / 0.99 (n = 100; 42 / 129 against 66 / 462 with n = 1,000), and as many or
-    fewer on the other problems (up to 2 fewer on tanh cells and Bratu's problem), but
+    fewer on the other problems (up to 3 fewer on tanh cells, 1 on Bratu's problem), but
     2 more on the trained MNIST DEQ cell with 32 digits (39 against 37) and 27 against
     20 on SciPy's test problem F5, which is why it is off by default.
 
