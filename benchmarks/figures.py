@@ -21,6 +21,7 @@ run: `python -m benchmarks.figures [--quick]`.
 
 import argparse
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -163,7 +164,9 @@ def gradient_cost(n=1000, tol=1e-5, copies=6, rounds=30):
         "linear.Broyden": fp.linear.Broyden(rtol=tol, atol=tol),
         "linear.Neumann": fp.linear.Neumann(rtol=tol, atol=tol),
     }
-    calls = {("forward", i): (forward, (d,)) for i, d in enumerate(data)}
+    calls: dict[tuple[str, int], tuple[Callable, tuple]] = {
+        ("forward", i): (forward, (d,)) for i, d in enumerate(data)
+    }
     for name, linear_solver in iterative.items():
         adjoint = fp.ImplicitAdjoint(linear_solver)
         vjp = jax.jit(lambda wx, adjoint=adjoint: jax.vjp(lambda wx: solve(wx, adjoint), wx))
@@ -179,7 +182,9 @@ def gradient_cost(n=1000, tol=1e-5, copies=6, rounds=30):
     # perturbs the timing of the call after it.
     lu = optx.ImplicitAdjoint(lx.AutoLinearSolver(well_posed=True))
     gradient = jax.jit(jax.value_and_grad(lambda wx: jnp.sum(solve(wx, lu))))
-    lu_calls = {("lu", i): (gradient, (d,)) for i, d in enumerate(data)}
+    lu_calls: dict[tuple[str, int], tuple[Callable, tuple]] = {
+        ("lu", i): (gradient, (d,)) for i, d in enumerate(data)
+    }
     lu_best = _best_interleaved(lu_calls, 5)
     lu_total = sum(lu_best.values())
     out["dense LU (lx.AutoLinearSolver)"] = (lu_total - total["forward"]) / total["forward"]
