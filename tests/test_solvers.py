@@ -493,29 +493,39 @@ def test_broyden_solves_non_contractive_root_problems(name, enable_x64):
     assert not ok(root_cube(CUBE["neumann"], x0, coupled))
 
 
+def _slow_linear_map(seed=3, n=40):
+    """A symmetric linear map of spectral radius 0.99 (eigenvalues evenly from -0.5 to
+    0.99), a right-hand side, the closed form (I - A)^-1 b, and the generator that drew
+    them (for more right-hand sides)."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    a = (q * np.linspace(-0.5, 0.99, n)) @ q.T
+    b = rng.normal(size=n)
+    return a, b, np.linalg.solve(np.eye(n) - a, b), rng
+
+
+@eqx.filter_jit
+def _solve_affine(solver, a, b):
+    """z = A z + b from z = 0 (500 steps at most, no throw)."""
+    return optx.fixed_point(
+        lambda z, ab: ab[0] @ z + ab[1],
+        solver,
+        jnp.zeros_like(b),
+        (a, b),
+        max_steps=500,
+        throw=False,
+    )
+
+
 def test_anderson_adaptive_beta(enable_x64):
     """`adaptive_beta`: on a slowly contracting linear map (symmetric, spectral radius
     0.99) the mixing grows to the measured contraction rate, never below beta: the same
     closed-form solution (I - A)^-1 b in fewer evaluations, also batched in float32. On
     the cube-root problem every secant pair has Re(d* s) > 0 (the Picard map expands),
     so nothing changes there: bit-identical iterates to the default."""
-    rng = np.random.default_rng(3)
-    n = 40
-    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
-    a = (q * np.linspace(-0.5, 0.99, n)) @ q.T
-    b = rng.normal(size=n)
-    exact = np.linalg.solve(np.eye(n) - a, b)
-
-    @eqx.filter_jit
-    def solve(solver, a, b):
-        return optx.fixed_point(
-            lambda z, ab: ab[0] @ z + ab[1],
-            solver,
-            jnp.zeros_like(b),
-            (a, b),
-            max_steps=500,
-            throw=False,
-        )
+    a, b, exact, rng = _slow_linear_map()
+    n = b.size
+    solve = _solve_affine
 
     base = fp.Anderson(rtol=0.0, atol=1e-10)
     adaptive = fp.Anderson(rtol=0.0, atol=1e-10, adaptive_beta=True)
@@ -555,23 +565,9 @@ def test_anderson_periodic_restart_on_a_slowly_contracting_linear_map(enable_x64
     restarted history reaches the closed form (I - A)^-1 b in far fewer evaluations than
     the windowed one (as restarted GMRES(m) against a truncated Krylov method), also
     for a batch of right-hand sides in float32 under `vmap`."""
-    rng = np.random.default_rng(3)
-    n = 40
-    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
-    a = (q * np.linspace(-0.5, 0.99, n)) @ q.T
-    b = rng.normal(size=n)
-    exact = np.linalg.solve(np.eye(n) - a, b)
-
-    @eqx.filter_jit
-    def solve(solver, a, b):
-        return optx.fixed_point(
-            lambda z, ab: ab[0] @ z + ab[1],
-            solver,
-            jnp.zeros_like(b),
-            (a, b),
-            max_steps=500,
-            throw=False,
-        )
+    a, b, exact, rng = _slow_linear_map()
+    n = b.size
+    solve = _solve_affine
 
     windowed = solve(fp.Anderson(rtol=0.0, atol=1e-10), jnp.asarray(a), jnp.asarray(b))
     restarted = solve(fp.Anderson(rtol=0.0, atol=1e-10, periodic_restart=True), a, b)
