@@ -15,8 +15,8 @@ the cell's work in each framework's 5-step phantom backward (ours: one linearisa
 4 vector-Jacobian products in the state and one in the parameters; torchdeq's: 5
 forward passes under autograd and their 5 products); the last row, the forward solve
 less the cell, is what the forward solver itself costs. Each figure is the median of
-``--steps`` timed calls after warm-up; the frameworks are interleaved round by round so that load on a
-shared machine hits both alike.
+``--steps`` timed calls after warm-up; the frameworks are interleaved round by round so
+that load on a shared machine hits both alike.
 
     python -m benchmarks.deq_step            # prints a markdown table
     python -m benchmarks.deq_step --steps 30 --threads 2
@@ -129,7 +129,7 @@ def ours_cell() -> Callable[[], None]:
 
     @jax.jit
     def evaluations(x):
-        step = jax.vmap(lambda z, xi: cell(z, xi))
+        step = jax.vmap(cell)
         return jax.lax.fori_loop(0, FWD_STEPS, lambda _, z: step(z, x), jnp.zeros_like(x))
 
     def run():

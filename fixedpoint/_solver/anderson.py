@@ -327,11 +327,12 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         slot = jnp.where(frozen, self.m, i)
         dy = state.dy.at[slot].set(s_new, mode="drop")
         dr = state.dr.at[slot].set(d_new, mode="drop")
-        pushed = jnp.minimum(state.count + 1, self.m)
         if self.periodic_restart:
             # A full history restarts: the new pair (written over the oldest, in slot
             # 0, where a full ring's index is) is all it keeps.
-            pushed = jnp.where(state.count == self.m, 1, pushed)
+            pushed = state.count % self.m + 1
+        else:
+            pushed = jnp.minimum(state.count + 1, self.m)
         count = jnp.where(reject, 0, jnp.where(push, pushed, state.count))
         index = jnp.where(reject, 0, jnp.where(push, (state.index + 1) % self.m, state.index))
 

@@ -97,7 +97,9 @@ def _conv3x3_jvp(primals, tangents):
     kernel, u = primals
     d_kernel, d_u = tangents
     out = _conv_lax(kernel, u)
-    terms = [] if _is_zero(d_u) else [_conv_im2col(kernel, d_u)]
+    terms = []
+    if not _is_zero(d_u):
+        terms.append(_conv_im2col(kernel, d_u))
     if not _is_zero(d_kernel):
         terms.append(_conv_im2col(d_kernel, u))
     return out, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(out)
