@@ -99,7 +99,8 @@ class ShineAdjoint(optx.AbstractAdjoint):
         struct = jax.eval_shape(lambda: root)
         flat, unravel = ravel_pytree(cotangent)
         dtype = flat.dtype
-        # H = gamma I + U^T V, gamma the solve's (problem-scaled) initial estimate.
+        # H = gamma I + U^T V (or + low_rank, the terms summed on a small state), gamma
+        # the solve's (problem-scaled) initial estimate.
         gamma = state.gamma.astype(dtype)
         acc = jnp.promote_types(dtype, jnp.float32)
         u = state.u.astype(dtype)
@@ -107,7 +108,9 @@ class ShineAdjoint(optx.AbstractAdjoint):
         valid = jnp.arange(u.shape[0]) < state.count
 
         def h_t(x):  # H^T x on PyTrees
-            return unravel(_apply_t(u, v, valid, gamma, ravel_pytree(x)[0].astype(dtype), acc))
+            return unravel(
+                _apply_t(u, v, state.low_rank, valid, gamma, ravel_pytree(x)[0].astype(dtype), acc)
+            )
 
         def jg_t(x):  # J_g^T x
             return vjp_root(x)

@@ -21,6 +21,8 @@ from .shine_adjoint import ShineAdjoint
 
 N = 6
 BACKWARD = fp.linear.Anderson(rtol=1e-5, atol=1e-7, max_steps=100)
+# (With N <= memory Broyden keeps its rank-one terms summed as an N x N matrix, else as
+# pairs of vectors: "shine" is checked with both.)
 SOLVER = fp.Broyden(rtol=1e-6, atol=1e-7, memory=8)
 
 
@@ -34,14 +36,16 @@ class Cell(eqx.Module):
 # The exact modes are also checked by every `python -m benchmarks.shine` run (cosine 1 to
 # the exact gradient); in the default test run, the SHINE formula alone.
 @pytest.mark.parametrize(
-    "mode",
+    ("mode", "memory"),
     [
-        "shine",
-        pytest.param("warm", marks=pytest.mark.slow),
-        pytest.param("precondition", marks=pytest.mark.slow),
+        ("shine", 8),
+        ("shine", 4),
+        pytest.param("warm", 8, marks=pytest.mark.slow),
+        pytest.param("precondition", 8, marks=pytest.mark.slow),
     ],
 )
-def test_each_mode_against_its_formula(mode):
+def test_each_mode_against_its_formula(mode, memory):
+    solver = eqx.tree_at(lambda s: s.memory, SOLVER, memory)
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     w = jax.random.normal(k1, (N, N))
     cell = Cell(0.8 * w / jnp.linalg.norm(w, 2))
@@ -54,7 +58,7 @@ def test_each_mode_against_its_formula(mode):
     @eqx.filter_grad(has_aux=True)
     def grad(cell_and_adjoint):
         c, a = cell_and_adjoint
-        deq = fd.DEQ(c, solver=SOLVER, adjoint=a, max_steps=60, correction=correction)
+        deq = fd.DEQ(c, solver=solver, adjoint=a, max_steps=60, correction=correction)
         z, _ = jax.vmap(deq)(xs)
         return jnp.sum(z * readout), z
 
@@ -68,15 +72,17 @@ def test_each_mode_against_its_formula(mode):
         if mode == "shine":  # the same forward solve, for Broyden's final factors
             sol = optx.fixed_point(
                 lambda zz, x: cell(zz, x),
-                correction.recording(SOLVER),
+                correction.recording(solver),
                 jnp.zeros(N),
                 xs[i],
                 max_steps=60,
             )
             np.testing.assert_allclose(sol.value, z[i], rtol=1e-5, atol=1e-6)
             state = sol.state.inner
+            assert (state.low_rank.size > 0) == (N <= memory)
             valid = (jnp.arange(state.u.shape[0]) < state.count)[:, None]
-            h = -SOLVER.beta * jnp.eye(N) + jnp.where(valid, state.u, 0).T @ state.v
+            terms = jnp.where(valid, state.u, 0).T @ state.v if state.u.size else state.low_rank
+            h = state.gamma * jnp.eye(N) + terms
             wvec = -h.T @ readout
         else:
             wvec = jnp.linalg.solve(jnp.eye(N) - jac.T, readout)

@@ -60,6 +60,9 @@ SOLVERS = {
     "anderson": fp.Anderson(rtol=1e-10, atol=1e-10, trace_length=MAX_STEPS),
     "broyden": fp.Broyden(rtol=1e-10, atol=1e-10, trace_length=MAX_STEPS),
     "broyden-ls": fp.Broyden(rtol=1e-10, atol=1e-10, line_search=True),
+    # (Memory below N: the rank-one terms as pairs of vectors, not summed; see
+    # `fixedpoint._solver.broyden._dense`.)
+    "broyden-pairs": fp.Broyden(rtol=1e-10, atol=1e-10, memory=3, trace_length=MAX_STEPS),
     "neumann": fp.Neumann(rtol=1e-10, atol=1e-10, trace_length=MAX_STEPS),
 }
 

@@ -638,6 +638,28 @@ def test_broyden_iterates_match_dense_broyden(memory, beta, update, enable_x64):
         np.testing.assert_allclose(sol.value, expected[k - 1], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize(("n", "memory", "summed"), [(3, 3, True), (6, 30, True), (6, 3, False)])
+@pytest.mark.parametrize("update", ["good", "bad"])
+def test_broyden_summed_terms_match_dense_broyden(n, memory, summed, update, enable_x64):
+    """On a state no larger than the memory the rank-one terms are kept summed, as one
+    n x n matrix, and restart when the pairs would: the iterates are still the dense
+    textbook iteration's (n = memory = 3 restarts twice in 9 steps), as they are with
+    the pairs (n > memory)."""
+    rng = np.random.default_rng(7)
+    wn = rng.standard_normal((n, n))
+    wn *= 0.9 / np.linalg.norm(wn, 2)
+    xn = rng.standard_normal(n)
+    expected = _dense_broyden(
+        lambda y: np.tanh(wn @ y + xn) - y, np.zeros(n), 1.0, memory, 9, update
+    )
+    solver = fp.Broyden(rtol=0.0, atol=0.0, memory=memory, update=update)
+    args = (jnp.asarray(wn), jnp.asarray(xn), jnp.asarray(True))
+    for k in (5, 9):
+        sol = fixed(solver, jnp.zeros(n), args, max_steps=k)
+        assert (sol.state.low_rank.size > 0) == summed
+        np.testing.assert_allclose(sol.value, expected[k - 1], rtol=1e-9, atol=1e-12)
+
+
 def _textbook_anderson(g, y0, m, steps, periodic_restart, reg=1e-8):
     """Textbook type-II Anderson (Walker and Ni 2011) with h0 = -1, the least-squares
     problem solved by its normal equations with unit-norm columns plus `reg`: the
