@@ -223,10 +223,10 @@ def fixed_costs(calls: int = 300) -> list[tuple[str, float, float, int, float]]:
 
 def step_costs(n: int = 64, steps: int = 200, calls: int = 100) -> dict[str, tuple[float, int]]:
     """``(microseconds per step, steps)`` of plain iteration with a cheap function: the
-    warm time of a solve of at most `steps` steps divided by the steps it took. (Ours and optimistix's run
-    all of them with zero tolerances; jaxopt's stops once its error is exactly 0, 33
-    steps into this problem, which is why each time is divided by the solver's own
-    count.)"""
+    warm time of a solve of at most `steps` steps divided by the steps it took. (Ours
+    and optimistix's run all of them with zero tolerances; jaxopt's stops once its
+    error is exactly 0, 33 steps into this problem, which is why each time is divided
+    by the solver's own count.)"""
     w, x = _problem(n, 0.5)
     z0 = jnp.zeros(n, jnp.float64)
 

@@ -141,9 +141,10 @@ def gradient_cost(n=1000, tol=1e-5, copies=6, rounds=30):
     linear solve and the vector-Jacobian product with the parameters, and nothing of
     the forward solve. (Timing value-and-grad less the forward solve divides a
     difference of two noisy times by one of them: for `linear.Anderson` it gave
-    0.84-2.15 in eight runs on 2026-12-01, this 1.23-1.47 in eight.) Dense LU forms and factorises the Jacobian
-    before it sees the cotangent, so that `jax.vjp` does that work and its pullback
-    only back-substitutes: it is timed as value-and-grad less the forward solve.
+    0.84-2.15 in eight runs on 2026-12-01, this 1.23-1.47 in eight.) Dense LU forms
+    and factorises the Jacobian before it sees the cotangent, so that `jax.vjp` does
+    that work and its pullback only back-substitutes: it is timed as value-and-grad
+    less the forward solve.
 
     On this machine the time of a solve also depends on where its 4 MB matrix lies in
     memory (up to 2x between two copies of the same data in one process): each time
@@ -157,7 +158,7 @@ def gradient_cost(n=1000, tol=1e-5, copies=6, rounds=30):
     def solve(wx, adjoint):
         return optx.fixed_point(_cell, solver, z0, wx, max_steps=500, adjoint=adjoint).value
 
-    forward = jax.jit(lambda wx: optx.fixed_point(_cell, solver, z0, wx, max_steps=500).value)
+    forward = jax.jit(lambda wx: solve(wx, optx.ImplicitAdjoint()))  # (optx's default)
     apply = jax.jit(lambda pullback, cotangent: pullback(cotangent))
     iterative = {
         "linear.Anderson": fp.linear.Anderson(m=5, rtol=tol, atol=tol),

@@ -17,8 +17,8 @@ def test_tiny_solves_stay_under_the_inline_threshold(name):
     4-unknown solve (see `costs.estimated_flops`). The tiny solves of all three are
     below it (jax 0.10.2: Anderson 994, Broyden 955 since it sums its rank-one terms
     on small states, Neumann 169); a change that pushes one over multiplies its fixed
-    cost (Broyden's was 5x, at 2,000). (Both the estimate and the threshold are XLA's: after
-    a jax upgrade that fails this, measure the fixed cost with `benchmarks.costs`
+    cost (Broyden's was 5x, at 2,000). (Both the estimate and the threshold are XLA's:
+    after a jax upgrade that fails this, measure the fixed cost with `benchmarks.costs`
     before changing the bound.)"""
     n = 4
     w, x = 0.3 * jnp.eye(n, dtype=jnp.float64), jnp.ones(n, jnp.float64)

@@ -61,7 +61,7 @@ SOLVERS = {
     "broyden": fp.Broyden(rtol=1e-10, atol=1e-10, trace_length=MAX_STEPS),
     "broyden-ls": fp.Broyden(rtol=1e-10, atol=1e-10, line_search=True),
     # (Memory below N: the rank-one terms as pairs of vectors, not summed; see
-    # `fixedpoint._solver.broyden._dense`.)
+    # `fixedpoint._solver.broyden._summed`.)
     "broyden-pairs": fp.Broyden(rtol=1e-10, atol=1e-10, memory=3, trace_length=MAX_STEPS),
     "neumann": fp.Neumann(rtol=1e-10, atol=1e-10, trace_length=MAX_STEPS),
 }

@@ -24,7 +24,7 @@ from ._common import (
 class _BroydenState(eqx.Module):
     # H = gamma I + sum_i u_i v_i^T: the pairs as rows of `u`, `v` (`low_rank` is empty);
     # or, when the state is no larger than the memory, their sum as the matrix
-    # `low_rank` (then `u`, `v` are empty; see `_dense`).
+    # `low_rank` (then `u`, `v` are empty; see `_summed`).
     u: Float[Array, "memory n"]
     v: Float[Array, "memory n"]
     low_rank: Float[Array, "n n"]
@@ -59,7 +59,7 @@ def _norm(a, acc):
     return jnp.sqrt(jnp.real(dot(a, a, acc)))
 
 
-def _dense(memory: int, n: int) -> bool:
+def _summed(memory: int, n: int) -> bool:
     """Whether the rank-one terms are kept summed, as one n x n matrix, rather than as
     `memory` pairs of n-vectors: when n <= memory. The iteration is the same (the sum
     restarts when the pairs would), and on such a state the matrix is no larger than
@@ -221,13 +221,13 @@ class Broyden(AbstractFixedPointRootFinder[Y, Out, Aux, _BroydenState]):
         n = y_flat.size
         dtype = y_flat.dtype
         acc = acc_dtype(dtype)
-        dense = _dense(self.memory, n)
-        zeros = jnp.zeros((0 if dense else self.memory, n), dtype)
+        summed = _summed(self.memory, n)
+        zeros = jnp.zeros((0 if summed else self.memory, n), dtype)
         vec = jnp.zeros_like(y_flat)
         return _BroydenState(
             u=zeros,
             v=zeros,
-            low_rank=jnp.zeros((n, n) if dense else (0, 0), acc),
+            low_rank=jnp.zeros((n, n) if summed else (0, 0), acc),
             count=jnp.array(0),
             gamma=jnp.array(-self.beta, acc),
             y_prev=vec,
@@ -351,7 +351,7 @@ class Broyden(AbstractFixedPointRootFinder[Y, Out, Aux, _BroydenState]):
         u, v, low_rank = state.u, state.v, state.low_rank
         if low_rank.size:  # the same terms, summed: slot 0 starts a new sum
             add = ok & ~frozen
-            kept = jnp.where(frozen | (slot > 0), low_rank, 0)
+            kept = jnp.where(slot > 0, low_rank, 0)  # (a finished solve's slot is `memory`)
             low_rank = kept + jnp.outer(
                 jnp.where(add, new_u, 0).astype(low_rank.dtype),
                 jnp.where(add, new_v, 0).astype(low_rank.dtype),
