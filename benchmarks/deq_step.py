@@ -195,11 +195,16 @@ def _torch_model(grad: str):
                 )
             self.deq = get_deq(**kwargs)
 
+        # (Our model's GELU is `jax.nn.gelu`'s tanh form; torch's default is the erf
+        # form, a different function, and 35% cheaper in torch's cell here.)
+        def inject(self, images):
+            return self.project_norm(nn.functional.gelu(self.project(images), approximate="tanh"))
+
         def cell(self, z, x):
-            return self.norm(nn.functional.gelu(self.conv(z))) + x
+            return self.norm(nn.functional.gelu(self.conv(z), approximate="tanh")) + x
 
         def forward(self, images):
-            x = self.project_norm(nn.functional.gelu(self.project(images)))
+            x = self.inject(images)
             z0 = torch.zeros_like(x)
             z_out, info = self.deq(lambda z: self.cell(z, x), z0, solver_kwargs=dict(m=6))
             return self.head(z_out[-1].mean(dim=(2, 3)))
@@ -248,7 +253,7 @@ def _torch_model_and_input():
     model = _torch_model("phantom")
     images = torch.from_numpy(_data()[0])
     with torch.no_grad():
-        x = model.project_norm(torch.nn.functional.gelu(model.project(images)))
+        x = model.inject(images)
     return model, x
 
 

@@ -1,5 +1,8 @@
 """`python -m benchmarks.deq_step` runs end to end (ours only, one timed call per row)."""
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import deq_step
@@ -22,3 +25,38 @@ def test_markdown_derives_the_solvers_own_work():
         [(deq_step.FORWARD, 75.0, float("nan")), (deq_step.CELL, 35.0, float("nan"))]
     )
     assert "| forward solve less the cell (the solver's own work) | 40.0 | - | - |" in table
+
+
+def test_the_torch_twin_computes_our_model():
+    """torchdeq's model is ours written in torch: with our weights, its injection and
+    cell give ours to float32 rounding (a different activation - torch's GELU is the
+    erf form by default, ours the tanh form - would show here)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchdeq")
+    from fixedpoint_deq.mnist.train import make_model
+
+    ours = make_model(deq_step._our_config("phantom"))
+    twin = deq_step._torch_model("phantom")
+    with torch.no_grad():
+        for mine, theirs in (
+            (ours.project, twin.project),
+            (ours.project_norm, twin.project_norm),
+            (ours.deq.cell.conv, twin.conv),
+            (ours.deq.cell.norm, twin.norm),
+        ):
+            assert mine.bias is not None and theirs.bias is not None
+            theirs.weight.copy_(torch.from_numpy(np.array(mine.weight)))
+            theirs.bias.copy_(torch.from_numpy(np.array(mine.bias).reshape(-1)))
+    images = deq_step._data()[0][:4]
+    z = np.random.default_rng(1).normal(size=(4, 28, 28, deq_step.WIDTH)).astype(np.float32)
+    x = jax.vmap(ours.inject)(jnp.asarray(images))
+    out = jax.vmap(ours.deq.cell)(jnp.asarray(z), x)
+
+    def nchw(a):
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(a), -1, 1)))
+
+    with torch.no_grad():
+        x_twin = twin.inject(torch.from_numpy(images))
+        out_twin = twin.cell(nchw(z), x_twin)
+    np.testing.assert_allclose(x_twin.numpy(), nchw(x).numpy(), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(out_twin.numpy(), nchw(out).numpy(), rtol=0, atol=2e-5)
