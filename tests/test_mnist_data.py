@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import urllib.error
 from pathlib import Path
@@ -48,16 +49,18 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
 
 
+def _no_network(url: str) -> bytes:
+    raise AssertionError(f"test tried to download {url}")
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No test sees the caller's MNIST/cache variables or touches the real home cache."""
+    """No test sees the caller's MNIST/cache variables, touches the real home cache or
+    reaches the network (the default `fetch_url` fails the test)."""
     monkeypatch.delenv(ENV_MNIST_DIR, raising=False)
     monkeypatch.delenv(ENV_CACHE_DIR, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-
-
-def _no_network(url: str) -> bytes:
-    raise AssertionError(f"test tried to download {url}")
+    monkeypatch.setattr(mnist_data, "fetch_url", _no_network)
 
 
 # --------------------------------------------------------------------------- read_idx
@@ -243,18 +246,163 @@ def test_missing_files_in_data_dir(tmp_path: Path) -> None:
     ]  # nothing was downloaded into an explicit data_dir
 
 
-def test_nonexistent_data_dir(tmp_path: Path) -> None:
-    with pytest.raises(MNISTDataError, match="does not exist") as info:
-        load_mnist(tmp_path / "absent", fetch=_no_network)
-    assert str(tmp_path / "absent") in str(info.value)
-    assert not (tmp_path / "absent").exists()
+def test_data_dir_that_is_a_file(tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    with pytest.raises(MNISTDataError, match="is not a directory") as info:
+        load_mnist(a_file)
+    assert f"the data directory {a_file} is not a directory" in str(info.value)
+    assert not (tmp_path / "home").exists()  # no fallback to the cache
 
 
 def test_env_var_dir_missing_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "env").mkdir()
     monkeypatch.setenv(ENV_MNIST_DIR, str(tmp_path / "env"))
     with pytest.raises(MNISTDataError, match=ENV_MNIST_DIR) as info:
-        load_mnist(cache_dir=tmp_path / "cache", fetch=_no_network)
-    assert str(tmp_path / "env") in str(info.value)
+        load_mnist(cache_dir=tmp_path / "cache")
+    assert f"{tmp_path / 'env'} lacks" in str(info.value)
+    assert not (tmp_path / "cache").exists()
+
+
+# --------------------------------------------------------------------------- fallback
+
+_LOGGER = "fixedpoint_deq.mnist.data"
+
+
+def _fake_mirror(
+    monkeypatch: pytest.MonkeyPatch, directory: Path
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Serve the small set in `directory` as the mirrors' files, through `fetch_url`
+    (the default fetch) and with `SHA256` set to its checksums.
+
+    Returns the list the fetched URLs are appended to, and the served arrays by name.
+    """
+    payloads = {n: (directory / f"{n}.gz").read_bytes() for n in FILE_NAMES.values()}
+    monkeypatch.setattr(
+        mnist_data,
+        "SHA256",
+        {n: hashlib.sha256(gzip.decompress(b)).hexdigest() for n, b in payloads.items()},
+    )
+    urls: list[str] = []
+
+    def fetch(url: str) -> bytes:
+        urls.append(url)
+        return payloads[url.rsplit("/", 1)[1].removesuffix(".gz")]
+
+    monkeypatch.setattr(mnist_data, "fetch_url", fetch)
+    arrays = {n: read_idx(directory / f"{n}.gz") for n in FILE_NAMES.values()}
+    return urls, arrays
+
+
+@pytest.mark.parametrize("cache_from", ["home", "env"])
+def test_missing_data_dir_falls_back_to_the_download_cache(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    cache_from: str,
+) -> None:
+    """A `data_dir` that does not exist: the cache is used, filled by a checked download,
+    and one warning line says so. The call is the trainer's: ``load_mnist(data_dir)``."""
+    _write_set(tmp_path / "mirror")
+    urls, arrays = _fake_mirror(monkeypatch, tmp_path / "mirror")
+    if cache_from == "env":
+        monkeypatch.setenv(ENV_CACHE_DIR, str(tmp_path / "root"))
+        cache = tmp_path / "root" / "mnist"
+    else:
+        cache = tmp_path / "home" / ".cache" / "fixedpoint" / "mnist"
+    absent = tmp_path / "shared" / "data" / "mnist"
+
+    caplog.set_level(logging.INFO, logger=_LOGGER)
+    m = load_mnist(absent)
+    for role, name in FILE_NAMES.items():
+        np.testing.assert_array_equal(getattr(m, role), arrays[name])
+    assert urls == [MIRRORS[0] + f"{n}.gz" for n in FILE_NAMES.values()]
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{n}.gz" for n in FILE_NAMES.values())
+    assert not (tmp_path / "shared").exists()  # nothing is created where data_dir points
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        f"MNIST: the data directory {absent} does not exist; using the cache {cache} "
+        "(downloading the missing files)"
+    ]
+
+    # Cached now: the same call downloads nothing, and still says where the data come from.
+    caplog.clear()
+    monkeypatch.setattr(mnist_data, "fetch_url", _no_network)
+    m2 = load_mnist(absent)
+    np.testing.assert_array_equal(m2.test_images, m.test_images)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        f"MNIST: the data directory {absent} does not exist; using the cache {cache}"
+    ]
+
+
+def test_existing_data_dir_is_used_without_fetching(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A `data_dir` that exists is the only place looked at: nothing is fetched (the
+    default fetch fails the test), the cache is not touched, and nothing is logged."""
+    _write_set(tmp_path / "data")
+    _write_set(tmp_path / "mirror", n_train=3)  # a different set a fallback would load
+    _fake_mirror(monkeypatch, tmp_path / "mirror")
+    monkeypatch.setattr(mnist_data, "fetch_url", _no_network)
+    caplog.set_level(logging.INFO, logger=_LOGGER)
+    m = load_mnist(tmp_path / "data", verify=False)
+    assert m.train_images.shape == (6, 28, 28)
+    assert not (tmp_path / "home").exists()
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    # Present but incomplete: the directory's own error, still no fetch and no cache.
+    (tmp_path / "data" / f"{FILE_NAMES['test_labels']}.gz").unlink()
+    with pytest.raises(MNISTDataError, match="lacks t10k-labels-idx1-ubyte.gz"):
+        load_mnist(tmp_path / "data", verify=False)
+    assert not (tmp_path / "home").exists()
+
+
+def test_missing_data_dir_falls_back_to_the_env_var_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write_set(tmp_path / "env")
+    monkeypatch.setenv(ENV_MNIST_DIR, str(tmp_path / "env"))
+    caplog.set_level(logging.INFO, logger=_LOGGER)
+    m = load_mnist(tmp_path / "absent", verify=False)
+    assert m.train_images.shape == (6, 28, 28)
+    assert not (tmp_path / "home").exists()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"MNIST: the data directory {tmp_path / 'absent'} does not exist; "
+        f"using ${ENV_MNIST_DIR} {tmp_path / 'env'}"
+    ]
+
+
+def test_missing_data_dir_offline_names_both_places(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No data anywhere and no network (or downloading disabled): the error says that the
+    data directory and the env var's directory do not exist, and why the cache failed."""
+    monkeypatch.setenv(ENV_MNIST_DIR, str(tmp_path / "env"))
+    monkeypatch.setenv(ENV_CACHE_DIR, str(tmp_path / "root"))
+    cache = tmp_path / "root" / "mnist"
+
+    def offline(url: str) -> bytes:
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(mnist_data, "fetch_url", offline)
+    absent = tmp_path / "absent"
+    passed_over = (
+        f"the data directory {absent} does not exist, and the ${ENV_MNIST_DIR} "
+        f"{tmp_path / 'env'} does not exist, and "
+    )
+    with pytest.raises(MNISTDataError) as info:
+        load_mnist(absent)
+    message = str(info.value)
+    assert message.startswith(passed_over + "MNIST file train-images-idx3-ubyte.gz is not in")
+    assert str(cache) in message and "could not be downloaded" in message
+    assert "--data-dir" in message and list(cache.iterdir()) == []
+    with pytest.raises(MNISTDataError) as info:
+        load_mnist(absent, download=False)
+    assert str(info.value).startswith(
+        f"MNIST not found: {passed_over}the cache directory {cache} lacks "
+    )
+    assert "(downloading is disabled)" in str(info.value)
+    assert not absent.exists() and not (tmp_path / "env").exists()
 
 
 # --------------------------------------------------------------------------- download

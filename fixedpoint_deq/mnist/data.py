@@ -7,12 +7,18 @@ gzip magic bytes, not by the file name) and refuses anything malformed with an
 `load_mnist` finds the four files, checks them and returns an `MNIST` tuple of numpy
 arrays. Where it looks, in order:
 
-1. `data_dir`, when given: only there, and it never downloads into it;
-2. the environment variable ``FIXEDPOINT_MNIST_DIR``, when set: likewise only there;
+1. `data_dir`, when given and the directory exists: only there, and it never downloads
+   into it;
+2. the environment variable ``FIXEDPOINT_MNIST_DIR``, when set and the directory
+   exists: likewise only there;
 3. the cache directory: `cache_dir`, else ``$FIXEDPOINT_CACHE_DIR/mnist``, else
    ``~/.cache/fixedpoint/mnist``. Files missing there are downloaded (when
    ``download=True``) from public mirrors, checked against the SHA-256 of their
    decompressed content, and written atomically.
+
+A directory named in 1. or 2. that does not exist is passed over, with a warning on the
+``fixedpoint_deq.mnist.data`` logger (shown on the console unless logging is configured
+otherwise); one that exists but lacks a file or holds a bad one is an error.
 
 Each file may be stored gzip-compressed (``name.gz``) or plain (``name``).
 Only numpy and the standard library are used.
@@ -394,10 +400,15 @@ def load_mnist(
 
     Where the files are looked for, in order (each file as ``name.gz`` or ``name``):
 
-    1. `data_dir`, if given: only there; missing files are an error, never downloaded;
-    2. ``$FIXEDPOINT_MNIST_DIR``, if set: likewise only there;
+    1. `data_dir`, if given and the directory exists: only there; missing files are an
+       error, never downloaded;
+    2. ``$FIXEDPOINT_MNIST_DIR``, if set and the directory exists: likewise only there;
     3. `cache_dir`, else ``$FIXEDPOINT_CACHE_DIR/mnist``, else ``~/.cache/fixedpoint/mnist``;
        files missing there are downloaded if `download` (see `download_mnist`).
+
+    A `data_dir` or ``$FIXEDPOINT_MNIST_DIR`` that does not exist is passed over for the
+    next place, and a one-line warning on this module's logger says so and where the
+    files are taken from instead (and whether they are being downloaded).
 
     Args:
         data_dir: directory holding the four files.
@@ -414,25 +425,55 @@ def load_mnist(
 
     Raises:
         MNISTDataError: files missing (the message names the directory, the missing files
-            and how to provide them), malformed, or not the expected content.
+            and how to provide them), malformed, or not the expected content; or a named
+            directory does not exist and the cache cannot provide the files.
     """
+    named: list[tuple[Path, str]] = []
     if data_dir is not None:
-        directory, source = Path(data_dir).expanduser(), "data directory"
-    elif os.environ.get(ENV_MNIST_DIR):
-        directory, source = Path(os.environ[ENV_MNIST_DIR]).expanduser(), f"${ENV_MNIST_DIR}"
+        named.append((Path(data_dir).expanduser(), "data directory"))
+    if os.environ.get(ENV_MNIST_DIR):
+        named.append((Path(os.environ[ENV_MNIST_DIR]).expanduser(), f"${ENV_MNIST_DIR}"))
+    absent: list[str] = []  # the named directories passed over, in words
+    for directory, source in named:
+        if directory.exists():
+            break
+        absent.append(f"the {source} {directory} does not exist")
     else:
         directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         source = "cache directory"
-        _, missing = find_mnist_files(directory)
-        if missing and download:
+    passed_over = ", and ".join(absent)
+
+    _, missing = find_mnist_files(directory)
+    fetching = source == "cache directory" and bool(missing) and download
+    if absent:
+        using = "the cache" if source == "cache directory" else source
+        _log.warning(
+            "MNIST: %s; using %s %s%s",
+            passed_over,
+            using,
+            directory,
+            " (downloading the missing files)" if fetching else "",
+        )
+    if fetching:
+        try:
             download_mnist(directory, fetch=fetch)
+        except MNISTDataError as e:
+            if absent:
+                raise MNISTDataError(f"{passed_over}, and {e}") from None
+            raise
 
     found, missing = find_mnist_files(directory)
     if missing:
-        where = "does not exist" if not directory.is_dir() else f"lacks {', '.join(missing)}"
+        if not directory.exists():
+            where = "does not exist"
+        elif not directory.is_dir():
+            where = "is not a directory"
+        else:
+            where = f"lacks {', '.join(missing)}"
         hint = " (downloading is disabled)" if source == "cache directory" else ""
+        before = f"{passed_over}, and " if absent else ""
         raise MNISTDataError(
-            f"MNIST not found: the {source} {directory} {where}{hint}. {_how_to_provide()}"
+            f"MNIST not found: {before}the {source} {directory} {where}{hint}. {_how_to_provide()}"
         )
 
     arrays = {
