@@ -1,8 +1,8 @@
 """The SHINE experiment (`benchmarks.shine_adjoint`): each mode computes what it claims,
 under `vmap`, `jit` and `grad`, also with the states of fixed-point correction recorded.
 
-- ``shine``: w = -H^T zbar with H built from the same forward solve's final Broyden
-  factors (read from `optx.fixed_point`'s final state);
+- ``shine``: w = -H^T zbar with H built from the final Broyden factors of the very solve
+  that produced the gradient (its final state, returned beside the fixed point);
 - ``warm`` and ``precondition``: the exact implicit gradient, (I - J^T)^-1 zbar.
 """
 
@@ -54,41 +54,53 @@ def test_each_mode_against_its_formula(mode, memory):
     correction = fd.FixedPointCorrection(steps=(2,))
     adjoint = ShineAdjoint(mode, BACKWARD)
 
+    # The call `fd.DEQ(cell, solver, adjoint, max_steps=60, correction=correction)` makes,
+    # written out so that the solve's final state comes back with the fixed point: H is
+    # fitted to this solve's own float32 iterates, and near convergence its last secant
+    # updates carry the rounding of that path (of XLA's fusion, of the CPU), so a second
+    # solve is not guaranteed the same H to better than a few percent.
     @eqx.filter_jit
     @eqx.filter_grad(has_aux=True)
     def grad(cell_and_adjoint):
         c, a = cell_and_adjoint
-        deq = fd.DEQ(c, solver=solver, adjoint=a, max_steps=60, correction=correction)
-        z, _ = jax.vmap(deq)(xs)
-        return jnp.sum(z * readout), z
 
-    (g_cell, g_adjoint), z = grad((cell, adjoint))
+        def solve(x):
+            sol = optx.fixed_point(
+                lambda zz, args: args[0](zz, args[1]),
+                correction.recording(solver),
+                jnp.zeros(N),
+                (c, x),
+                max_steps=60,
+                adjoint=a,
+            )
+            return sol.value, sol.state.inner
+
+        z, states = jax.vmap(solve)(xs)
+        return jnp.sum(z * readout), (z, states)
+
+    (g_cell, g_adjoint), (z, states) = grad((cell, adjoint))
     stats = fd.backward_stats(g_adjoint)
     assert stats is not None and float(stats.failed) == 0
     assert (float(stats.num_steps) == 0) == (mode == "shine")
     expected = jnp.zeros((N, N))
     for i in range(3):
-        jac = jax.jacfwd(lambda zz: cell(zz, xs[i]))(z[i])
-        if mode == "shine":  # the same forward solve, for Broyden's final factors
-            sol = optx.fixed_point(
-                lambda zz, x: cell(zz, x),
-                correction.recording(solver),
-                jnp.zeros(N),
-                xs[i],
-                max_steps=60,
-            )
-            np.testing.assert_allclose(sol.value, z[i], rtol=1e-5, atol=1e-6)
-            state = sol.state.inner
+        if mode == "shine":
+            state = jax.tree.map(lambda leaf: leaf[i], states)
             assert (state.low_rank.size > 0) == (N <= memory)
+            assert int(state.count) > 0  # H is not just gamma I
             valid = (jnp.arange(state.u.shape[0]) < state.count)[:, None]
             terms = jnp.where(valid, state.u, 0).T @ state.v if state.u.size else state.low_rank
             h = state.gamma * jnp.eye(N) + terms
             wvec = -h.T @ readout
         else:
+            jac = jax.jacfwd(lambda zz: cell(zz, xs[i]))(z[i])
             wvec = jnp.linalg.solve(jnp.eye(N) - jac.T, readout)
         _, vjp = jax.vjp(lambda c: c(z[i], xs[i]), cell)
         expected = expected + vjp(wvec)[0].weight
-    np.testing.assert_allclose(g_cell.weight, expected, rtol=2e-3, atol=1e-5)
+    # "shine": the same factors on both sides, only the order of float32 operations
+    # differs; the exact modes: up to the backward solve's tolerance.
+    rtol = 1e-4 if mode == "shine" else 2e-3
+    np.testing.assert_allclose(g_cell.weight, expected, rtol=rtol, atol=1e-5)
 
 
 def test_shine_needs_a_broyden_forward_solve():
