@@ -33,13 +33,17 @@ def _describe(value: Any) -> str:
 
 
 def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    """The allowed range in words, led by a space (empty when there are no bounds: an
+    infinite bound is no bound)."""
+    if low == -math.inf and high == math.inf:
+        return ""
     if high == math.inf:
-        return f"> {low:g}" if low_open else f">= {low:g}"
+        return f" > {low:g}" if low_open else f" >= {low:g}"
     if low == -math.inf:
-        return f"< {high:g}" if high_open else f"<= {high:g}"
+        return f" < {high:g}" if high_open else f" <= {high:g}"
     left = "(" if low_open else "["
     right = ")" if high_open else "]"
-    return f"in {left}{low:g}, {high:g}{right}"
+    return f" in {left}{low:g}, {high:g}{right}"
 
 
 def _dtype_kind(value: Any) -> str | None:
@@ -72,23 +76,25 @@ def check_real(
 ) -> None:
     """Raise `ValueError` naming `name` unless `value` is a real scalar in the interval
     from `low` to `high` (closed unless `low_open` / `high_open`), and not infinite if
-    `finite`. A traced value is accepted if it is a real 0-d array; its range cannot be
-    checked."""
+    `finite`. NaN is always refused. A traced value is accepted if it is a real 0-d
+    array; its range cannot be checked."""
     allowed = _interval(low, high, low_open, high_open)
     what = "a finite real number" if finite else "a real number"
     if value is None and allow_none:
         return
     kind = _dtype_kind(value)
     if kind not in ("i", "u", "f"):
-        raise ValueError(f"`{name}` must be {what} {allowed}, got {_describe(value)}.")
+        raise ValueError(f"`{name}` must be {what}{allowed}, got {_describe(value)}.")
     if _is_traced(value):
         return
     v = float(value)  # pyright: ignore[reportArgumentType]  (a real scalar, checked above)
-    ok = not math.isnan(v) and not (finite and math.isinf(v))
+    if math.isnan(v):
+        raise ValueError(f"`{name}` must be {what}{allowed}, got NaN (not a number).")
+    ok = not (finite and math.isinf(v))
     ok = ok and (v > low if low_open else v >= low)
     ok = ok and (v < high if high_open else v <= high)
     if not ok:
-        raise ValueError(f"`{name}` must be {what} {allowed}, got {value!r}.")
+        raise ValueError(f"`{name}` must be {what}{allowed}, got {value!r}.")
 
 
 def check_int(

@@ -44,10 +44,13 @@ def _default_adjoint() -> fp.ImplicitAdjoint:
     )
 
 
-def _as_solver(solver: optx.AbstractRootFinder | str) -> optx.AbstractRootFinder:
-    """Field converter: a name becomes the root finder of that name (DEQ defaults)."""
+def _as_solver(
+    solver: optx.AbstractRootFinder | str, name: str = "solver"
+) -> optx.AbstractRootFinder:
+    """Field converter: a name becomes the root finder of that name (DEQ defaults).
+    `name` is the field's, for the error message."""
     if isinstance(solver, str):
-        check_choice("solver", solver, SOLVER_NAMES)
+        check_choice(name, solver, SOLVER_NAMES)
         return fp.solver_from_name(solver, rtol=1e-3, atol=1e-5, norm=optx.rms_norm)
     return solver
 
@@ -153,7 +156,7 @@ class DEQ(eqx.Module):
     inference: bool = False
     eval_max_steps: int | None = eqx.field(static=True, default=None, converter=as_int)
     eval_solver: optx.AbstractRootFinder | None = eqx.field(
-        default=None, converter=lambda s: None if s is None else _as_solver(s)
+        default=None, converter=lambda s: None if s is None else _as_solver(s, "eval_solver")
     )
     correction: FixedPointCorrection | None = None
 
@@ -173,7 +176,7 @@ class DEQ(eqx.Module):
         check_choice("init", self.init, _INITS)
         check_int("max_steps", self.max_steps, low=1)
         check_int("jac_reg_samples", self.jac_reg_samples, low=1)
-        check_real("init_scale", self.init_scale)
+        check_real("init_scale", self.init_scale, low=0.0, finite=True)
         check_bool("throw", self.throw)
         check_bool("inference", self.inference)
         if self.eval_solver is not None and not isinstance(self.eval_solver, _SOLVER_KINDS):
@@ -375,7 +378,7 @@ DEQ.__init__.__doc__ = """**Arguments:**
 - `max_steps`: (>= 1) the most forward steps.
 - `init`: the starting point when no `z0` is given: `"zero"`, or `"random"` (normal
     noise of scale `init_scale`, from the call's `key`).
-- `init_scale`: the standard deviation of the random start.
+- `init_scale`: (finite, >= 0) the standard deviation of the random start.
 - `jac_reg_samples`: (>= 1) probes of the Jacobian penalty (`jac_reg=True`).
 - `throw`: raise when the forward solve fails, instead of reporting it in the
     record.

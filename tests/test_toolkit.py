@@ -428,6 +428,90 @@ def test_fixed_point_cache_never_aliases_or_stores_failures():
     assert half.states.dtype == jnp.bfloat16
 
 
+def test_fixed_point_cache_refuses_states_it_would_broadcast_or_truncate():
+    """At trace time: 1-D integer indices, states of exactly `(len(indices),) + entry
+    shape` (leaf by leaf for a PyTree state), dtypes the cache holds without loss."""
+    cache = fd.FixedPointCache(10, jnp.zeros(4))
+    idx = jnp.array([0, 1, 2])
+    update = eqx.filter_jit(lambda c, i, z: c.update(i, z))
+    for bad in (jnp.ones((1, 4)), jnp.ones((3, 1)), jnp.ones((3, 4, 1)), jnp.ones(4)):
+        with pytest.raises(ValueError, match=r"`z` must have shape \(3, 4\)"):
+            update(cache, idx, bad)
+    with pytest.raises(ValueError, match=r"`z` must have shape \(2, 4\)"):
+        cache.update(jnp.array([0, 1]), jnp.ones((2, 1)))
+    for bad_idx in (jnp.zeros((2, 3), int), jnp.array([0.0, 1.0]), jnp.array(1)):
+        with pytest.raises(ValueError, match="`indices` must be a 1-D integer array"):
+            cache.lookup(bad_idx)
+        with pytest.raises(ValueError, match="`indices` must be a 1-D integer array"):
+            cache.update(bad_idx, jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match="imaginary part"):
+        cache.update(idx, jnp.ones((3, 4), jnp.complex64))
+    small = fd.FixedPointCache(10, jnp.zeros(4), dtype=jnp.int8)
+    with pytest.raises(ValueError, match="truncates"):
+        small.update(idx, jnp.full((3, 4), 1.5))
+    with pytest.raises(ValueError, match="wraps"):
+        small.update(idx, jnp.full((3, 4), 300, jnp.int32))
+    # What fits: lower precision of the same kind, integers into floats, reals into
+    # complex; stored as given.
+    half = fd.FixedPointCache(10, jnp.zeros(4), dtype=jnp.bfloat16).update(idx, jnp.ones((3, 4)))
+    np.testing.assert_array_equal(half.lookup(idx)[0], jnp.ones((3, 4), jnp.bfloat16))
+    ints = cache.update(idx, jnp.full((3, 4), 7, jnp.int32))
+    np.testing.assert_array_equal(ints.lookup(idx)[0], jnp.full((3, 4), 7.0))
+    cplx = fd.FixedPointCache(10, jnp.zeros(4, jnp.complex64)).update(idx, jnp.ones((3, 4)))
+    np.testing.assert_array_equal(cplx.lookup(idx)[0], jnp.ones((3, 4), jnp.complex64))
+    # A PyTree state: the structure and each leaf's shape are checked.
+    tree = fd.FixedPointCache(5, {"a": jnp.zeros(2), "b": jnp.zeros((2, 3))})
+    good = {"a": jnp.ones((3, 2)), "b": jnp.ones((3, 2, 3))}
+    np.testing.assert_array_equal(tree.update(idx, good).filled, [1, 1, 1, 0, 0])
+    with pytest.raises(ValueError, match=r"`z\['b'\]` must have shape \(3, 2, 3\)"):
+        tree.update(idx, {"a": jnp.ones((3, 2)), "b": jnp.ones((3, 3))})
+    with pytest.raises(ValueError, match="`z` must have the structure"):
+        tree.update(idx, {"a": jnp.ones((3, 2))})
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_deq_errors_name_the_parameter_given():
+    cell = make_cell(jax.random.key(0))
+    with pytest.raises(ValueError, match="^`solver` must be one of 'anderson'"):
+        fd.DEQ(cell, solver="bogus")
+    with pytest.raises(ValueError, match="^`eval_solver` must be one of 'anderson'"):
+        fd.DEQ(cell, eval_solver="bogus")
+    with pytest.raises(ValueError, match="^`adjoint` must be one of 'implicit'"):
+        fd.DEQ(cell, adjoint="bogus")
+    assert isinstance(fd.DEQ(cell, eval_solver="picard").eval_solver, fp.Neumann)
+
+
+def test_real_validator_refuses_nan_and_prints_no_infinite_bound():
+    from fixedpoint._validate import check_real
+
+    cell = make_cell(jax.random.key(0))
+    for scale in (float("nan"), np.float32("nan")):
+        with pytest.raises(ValueError, match="^`init_scale` must be .*, got NaN") as info:
+            fd.DEQ(cell, init_scale=scale)  # pyright: ignore[reportArgumentType]
+        assert "inf" not in str(info.value)
+    for scale in (float("inf"), -1.0):
+        with pytest.raises(ValueError, match="`init_scale` must be a finite real number >= 0"):
+            fd.DEQ(cell, init_scale=scale)
+    assert fd.DEQ(cell, init_scale=0.0).init_scale == 0.0
+    cases = [
+        (dict(), "`x` must be a real number, got NaN"),
+        (dict(finite=True), "`x` must be a finite real number, got NaN"),
+        (dict(low=0.0), "`x` must be a real number >= 0, got NaN"),
+        (dict(high=1.0, high_open=True), "`x` must be a real number < 1, got NaN"),
+    ]
+    for bounds, message in cases:
+        with pytest.raises(ValueError) as info:
+            check_real("x", float("nan"), **bounds)
+        assert str(info.value).startswith(message), str(info.value)
+    for value, bounds in ((float("inf"), dict(finite=True)), ("1", dict())):
+        with pytest.raises(ValueError) as info:
+            check_real("x", value, **bounds)
+        assert "inf" not in str(info.value).split(", got")[0]
+    check_real("x", float("inf"))  # no bounds, not asked to be finite: accepted
+
+
 # --------------------------------------------------------------------------- correction
 
 
