@@ -14,8 +14,9 @@ What is measured and how each library is counted: `benchmarks.harness` and
 
 Exit status: 0 when target checks ran (the report and the last line say how many
 failed); 1 when none could run (nothing was compared, which is not a success); 2 for
-invalid options (``--tol`` must be in (0, 1), ``--budget`` >= 1, ``--threads`` >= 0)
-or when no problem or no solver matches.
+invalid options (``--tol`` must be in (0, 1), ``--budget`` >= 1, ``--threads`` >= 0,
+``--out`` a directory or a path where one can be made) or when ``--problems`` or
+``--solvers`` matches nothing in the grid (the error lists the names there are).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _number(kind, low, high=math.inf, *, low_open=False, high_open=False, what="
     return parse
 
 
-def _parse(argv):
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.report", description=(__doc__ or "").split("\n\n")[0]
     )
@@ -105,7 +106,38 @@ def _parse(argv):
         "their timings want an idle machine)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    return parser
+
+
+def _parse(argv):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # The nearest existing path of --out must be a directory (mkdir would fail later).
+    out = Path(args.out)
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == out else f" (in the path {args.out!r})"
+                parser.error(
+                    f"argument --out: {str(path)!r}{where} is an existing file, not a "
+                    "directory; name a directory (it is created if missing)"
+                )
+            break
+    return args
+
+
+def _no_match(option, pattern, what, example, grid, names, other_grids) -> str:
+    """The error for a `--problems` / `--solvers` glob that matches nothing: the names
+    of the grid, and the other grids where the glob does match."""
+    message = (
+        f"argument {option}: {pattern!r} matches no {what} of the {grid} grid (a glob on the "
+        f"whole name, e.g. {example!r}); its {what}s are: {', '.join(names)}"
+    )
+    flags = {"smoke": "--smoke", "default": "neither --smoke nor --full", "full": "--full"}
+    elsewhere = [f"the {g} grid ({flags[g]})" for g, hits in other_grids.items() if hits]
+    if elsewhere:
+        message += f". It matches in {' and '.join(elsewhere)}"
+    return message
 
 
 def _fmt(x, spec="{:.3g}", none="–"):
@@ -449,9 +481,40 @@ def _run(args, t_start) -> int:
     adapters = [
         a for a in peers.solvers(grid, cache=cache) if fnmatch.fnmatchcase(a.name, args.solvers)
     ]
-    if not specs or not adapters:
-        print("nothing to run: no problem or no solver matches", file=sys.stderr)
-        return 2
+    others = [g for g in problems.GRIDS if g != grid]
+    errors = []
+    if not specs:
+        errors.append(
+            _no_match(
+                "--problems",
+                args.problems,
+                "problem",
+                "linear-*",
+                grid,
+                [s.name for s in problems.specs(grid)],
+                {
+                    g: [s for s in problems.specs(g) if fnmatch.fnmatchcase(s.name, args.problems)]
+                    for g in others
+                },
+            )
+        )
+    if not adapters:
+        errors.append(
+            _no_match(
+                "--solvers",
+                args.solvers,
+                "solver",
+                "*Anderson*",
+                grid,
+                [a.name for a in peers.solvers(grid, cache=cache)],
+                {
+                    g: [a for a in peers.solvers(g) if fnmatch.fnmatchcase(a.name, args.solvers)]
+                    for g in others
+                },
+            )
+        )
+    if errors:
+        _parser().error("\n".join(errors))
 
     out = Path(args.out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
