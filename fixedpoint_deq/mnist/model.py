@@ -2,10 +2,11 @@
 
 Per sample (an image ``(1, 28, 28)``, normalised):
 
-1. the stem, the injection ``x_inj``: with ``stem_stride=2`` (the trainer's default)
+1. the stem, the injection ``x_inj``: with ``stem_stride=2`` (the default)
    ``Conv(1 -> S, 3x3) -> GELU -> GroupNorm`` then a stride-2
    ``Conv(S -> C, 3x3) -> GELU -> GroupNorm``, a ``(14, 14, C)`` state; with
-   ``stem_stride=1`` (the seed's) ``GroupNorm(GELU(Conv(1 -> C, 3x3)(image)))`` at 28x28;
+   ``stem_stride=1`` ``GroupNorm(GELU(Conv(1 -> C, 3x3)(image)))``, a ``(28, 28, C)``
+   state;
 2. the DEQ: ``z* = f(z*, x_inj)`` with the cell
    ``f(z, x_inj) = GroupNorm(GELU(Conv(C -> C, 3x3, padding 1)(z))) + x_inj``,
    from ``z0 = 0``;
@@ -16,19 +17,18 @@ Per sample (an image ``(1, 28, 28)``, normalised):
 The model is called on ONE sample; `jax.vmap` it over a batch (each sample's forward
 solve then stops on its own tolerance and reports its own `DEQRecord`).
 
-**Layout (performance).** The parameters are ordinary `eqx.nn.Conv2d` /
-`eqx.nn.GroupNorm` layers, but the DEQ state is kept channels-last, ``(H, W, C)``,
-and the cell's convolution is `conv3x3`: XLA's CPU backend runs a channels-first
-convolution, or the transposed convolution that JAX derives for reverse mode (its kernel
-layout has the channel axes swapped), several times slower than an NHWC/HWIO one, and
-the kernel gradient of a convolution much slower still inside a `while_loop` (where the
-solvers and the unrolled backward call the cell). `conv3x3` runs the primal as an
-NHWC/HWIO convolution and its derivative as an explicit im2col matrix product, which
-stays fast inside loops in both modes. (A linear map whose transpose is the convolution
-with the flipped kernel, through `lax.custom_linear_solve`, makes the VJPs in the state
-faster, 29 -> 17 ms for a linearisation and 4 VJPs of the 64 x 28x28x12 cell, but
-loses the kernel's derivative of such a VJP, so that reverse mode over reverse mode
-would be wrong: not used.)
+**Layout.** The parameters are ordinary `eqx.nn.Conv2d` / `eqx.nn.GroupNorm` layers,
+but the DEQ state is kept channels-last, ``(H, W, C)``, and the cell's convolution is
+`conv3x3`: XLA's CPU backend runs a channels-first convolution, or the transposed
+convolution that JAX derives for reverse mode (its kernel layout has the channel axes
+swapped), much more slowly than an NHWC/HWIO one, and the kernel gradient of a
+convolution more slowly still inside a `while_loop` (where the solvers and the unrolled
+backward call the cell). `conv3x3` computes the primal as an NHWC/HWIO convolution and
+its derivative as an explicit im2col matrix product, which stays fast inside loops in
+both modes. (The VJP in the state is not written as a linear map whose transpose is the
+convolution with the flipped kernel, through `lax.custom_linear_solve`: that map has no
+derivative with respect to the kernel, so reverse mode over reverse mode would be
+wrong.)
 """
 
 from __future__ import annotations
@@ -171,10 +171,15 @@ class ConvCell(eqx.Module):
 class DEQClassifier(eqx.Module):
     """A stem, a `DEQ` over a `ConvCell`, and a pooled linear head.
 
-    The stem (``stem_stride=1``) is ``GroupNorm(GELU(Conv(1 -> C)))`` at 28x28; with
-    ``stem_stride=2`` it is ``Conv(1 -> S) -> GELU -> GroupNorm`` at 28x28 then a
-    stride-2 ``Conv(S -> C) -> GELU -> GroupNorm`` down to 14x14, so that the DEQ state
-    is ``(14, 14, C)``: a quarter of the cost per channel, spent on a wider cell."""
+    With ``stem_stride=2`` (the default) the stem is ``Conv(1 -> S) -> GELU ->
+    GroupNorm`` at 28x28 then a stride-2 ``Conv(S -> C) -> GELU -> GroupNorm`` down to
+    14x14, so that the DEQ state is ``(14, 14, C)``: a quarter of the cost per channel
+    of a 28x28 state, spent on a wider cell. With ``stem_stride=1`` it is
+    ``GroupNorm(GELU(Conv(1 -> C)))`` and the state is ``(28, 28, C)``.
+
+    The defaults are the model that ``python -m fixedpoint_deq.mnist`` trains by default
+    (`fixedpoint_deq.mnist.train.Config`): width 48, a stride-2 stem of width 16, a
+    7x7-pooled head, at most 30 forward steps."""
 
     project: eqx.nn.Conv2d
     project_norm: eqx.nn.GroupNorm
@@ -182,25 +187,48 @@ class DEQClassifier(eqx.Module):
     head: eqx.nn.Linear
     down: eqx.nn.Conv2d | None = None
     down_norm: eqx.nn.GroupNorm | None = None
-    head_kind: str = eqx.field(static=True, default="pool4")
+    head_kind: str = eqx.field(static=True, default="pool7")
 
     def __init__(
         self,
-        width: int = 12,
+        width: int = 48,
         *,
         solver: optx.AbstractRootFinder,
         adjoint: optx.AbstractAdjoint,
         max_steps: int = 30,
         groups: int = 1,
-        head: Literal["mean", "pool4", "pool7"] = "pool4",
+        head: Literal["mean", "pool4", "pool7"] = "pool7",
         dropout: float = 0.0,
         eval_max_steps: int | None = None,
         eval_solver: optx.AbstractRootFinder | None = None,
         correction: FixedPointCorrection | None = None,
-        stem_stride: int = 1,
+        stem_stride: int = 2,
         stem_width: int = 16,
         key: PRNGKeyArray,
     ):
+        """**Arguments:**
+
+        - `width`: the channels ``C`` of the DEQ state.
+        - `solver`: the forward root finder of the `DEQ`.
+        - `adjoint`: its backward pass.
+        - `max_steps`: the forward step budget.
+        - `groups`: the GroupNorm groups (they must divide `width`, and `stem_width`
+            with a stride-2 stem).
+        - `head`: ``"mean"`` (a global mean pool, then ``Linear(C -> 10)``),
+            ``"pool4"`` or ``"pool7"`` (average pooling to a 4x4 / 7x7 grid, then
+            ``Linear(16 C -> 10)`` / ``Linear(49 C -> 10)``); the grid must divide the
+            state (28 or 14 on a side).
+        - `dropout`: the rate of the cell's variational channel dropout (0: none).
+        - `eval_max_steps`, `eval_solver`: the `DEQ`'s budget and solver in inference
+            mode (default: those of training).
+        - `correction`: fixed-point correction of the `DEQ`, or `None`.
+        - `stem_stride`: 1 (a 28x28 state) or 2 (a 14x14 state).
+        - `stem_width`: the channels ``S`` of the first convolution of a stride-2 stem.
+        - `key`: the PRNG key of the initial parameters.
+
+        **Raises:** `ValueError` naming `head`, `stem_stride` or `groups` when it is not
+        allowed or does not fit the other arguments.
+        """
         if head not in HEADS:
             raise ValueError(f"`head` must be one of {HEADS}, got {head!r}.")
         if stem_stride not in STEM_STRIDES:
