@@ -204,7 +204,9 @@ class Config:
         "pool7",
         "model",
         "classifier head: 'mean' = global mean pool + Linear(C, 10) (the seed's), "
-        "'pool4' = 4x4 average pool + Linear(16 C, 10) (default {default})",
+        "'pool4' = 4x4 average pool + Linear(16 C, 10) (with --stem-stride 1 only: the grid "
+        "must divide the state), 'pool7' = 7x7 average pool + Linear(49 C, 10) "
+        "(default {default})",
         choices=HEADS,
     )
     # Forward solver.
@@ -292,7 +294,8 @@ class Config:
     augment_shift: int = option(
         2,
         "data and schedule",
-        "random translations of up to PIXELS (default {default}: off)",
+        "shift each training image by a random translation of up to PIXELS pixels in "
+        "each direction; 0 turns the shifts off (default {default})",
         metavar="PIXELS",
         rule=Integer(0, 27),
     )
