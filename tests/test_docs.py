@@ -119,6 +119,10 @@ def test_site_builds_strictly(tmp_path):
     for page in (
         "index.html",
         "how-to-choose/index.html",
+        "how-it-works/index.html",
+        "faq/index.html",
+        "gpu/index.html",
+        "development/index.html",
         "api/root_finders/index.html",
         "examples/deq_training/index.html",
         "benchmarks/index.html",
