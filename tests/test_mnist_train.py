@@ -631,7 +631,8 @@ def test_overwrite_replaces_the_checkpoint_once_an_epoch_is_saved(tmp_path, digi
     )
     assert result.epoch == 1
     meta = json.loads((ckpt / tr.CHECKPOINT_JSON).read_text())
-    assert meta["epoch"] == 1 and sorted(_files(ckpt)) == [tr.CHECKPOINT_JSON, "ckpt-0001.eqx"]
+    assert meta["epoch"] == 1 and re.fullmatch(r"ckpt-0001-[0-9a-f]+\.eqx", meta["file"])
+    assert sorted(_files(ckpt)) == [tr.CHECKPOINT_JSON, meta["file"]]
 
 
 def test_output_paths_are_checked_before_anything_runs(tmp_path, capsys):
@@ -664,12 +665,15 @@ def test_output_paths_are_checked_before_anything_runs(tmp_path, capsys):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        ("truncated", r"ckpt-0001\.eqx: not a checkpoint of this model, or truncated or corrupt"),
-        ("longer", r"ckpt-0001\.eqx: holds more data than this model"),
+        (
+            "truncated",
+            r"ckpt-0001-\w+\.eqx: not a checkpoint of this model, or truncated or corrupt",
+        ),
+        ("longer", r"ckpt-0001-\w+\.eqx: holds more data than this model"),
         ("bad_json", r"checkpoint\.json: not valid JSON"),
         ("missing_key", r"checkpoint\.json: the key 'file' is missing"),
         ("wrong_type", r"checkpoint\.json: 'epoch' should be a JSON integer"),
-        ("missing_eqx", r"checkpoint\.json: names ckpt-0001\.eqx, which is missing"),
+        ("missing_eqx", r"checkpoint\.json: names ckpt-0001-\w+\.eqx, which is missing"),
     ],
 )
 def test_a_corrupt_checkpoint_names_the_file_and_the_fault(tmp_path, damage, message, capsys):
@@ -677,8 +681,9 @@ def test_a_corrupt_checkpoint_names_the_file_and_the_fault(tmp_path, damage, mes
 
     ckpt = tmp_path / "ckpt"
     config = _saved_checkpoint(ckpt)
-    meta_path, eqx_path = ckpt / tr.CHECKPOINT_JSON, ckpt / "ckpt-0001.eqx"
+    meta_path = ckpt / tr.CHECKPOINT_JSON
     meta = json.loads(meta_path.read_text())
+    eqx_path = ckpt / meta["file"]
     if damage == "truncated":
         eqx_path.write_bytes(eqx_path.read_bytes()[:-100])
     elif damage == "longer":
@@ -742,7 +747,8 @@ def test_saved_files_follow_the_umask(tmp_path):
             tr.write_metrics(out, [])
         finally:
             os.umask(old)
-        for path in (ckpt / tr.CHECKPOINT_JSON, ckpt / "ckpt-0001.eqx", out / tr.METRICS_FILE):
+        eqx_file = ckpt / json.loads((ckpt / tr.CHECKPOINT_JSON).read_text())["file"]
+        for path in (ckpt / tr.CHECKPOINT_JSON, eqx_file, out / tr.METRICS_FILE):
             assert stat.S_IMODE(path.stat().st_mode) == mode, (path, oct(path.stat().st_mode))
 
 
@@ -762,7 +768,7 @@ def test_leftover_temporaries_are_removed_when_a_run_starts(tmp_path):
     tr.prepare_run(tr.Config(checkpoint_dir=str(ckpt), out_dir=str(out), resume=True))
     assert [p for p in leftovers if p.exists()] == []
     assert all(p.exists() for p in others)
-    assert (ckpt / "ckpt-0001.eqx").exists()
+    assert (ckpt / json.loads((ckpt / tr.CHECKPOINT_JSON).read_text())["file"]).exists()
 
 
 def test_an_update_that_is_not_finite_is_skipped(tmp_path):

@@ -52,8 +52,13 @@ outputs:
   created, and checked to be writable, before training starts.
 
 exit status:
-  0 done; 1 the data or a checkpoint could not be read (the message names the file);
-  2 invalid options (every number is checked against its range when parsed).
+  0 done; 1 the data or a checkpoint could not be read, a checkpoint or metrics.jsonl
+  could not be written (a full disk, a read-only directory: the last good checkpoint is
+  kept), or the checkpoint or output directory is in use by another run (a run locks
+  both until it ends); 2 invalid options (every number is checked against its range
+  when parsed); 130 interrupted by Ctrl-C, between two steps (a second Ctrl-C: at once).
+  Each error is one line naming the file or directory and the fault; a metrics.png that
+  cannot be written is only a warning.
 """
 
 
@@ -157,19 +162,30 @@ def _as_options(message: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: train as `argv` (default: ``sys.argv[1:]``) says. Returns the
+    exit status (see the epilog of `build_parser`); errors are one line on stderr."""
     config, progress = config_from_args(argv)
-    from .checkpoint import CheckpointError
-    from .data import MNISTDataError
-    from .train import SetupError, train
-
+    try:
+        from .checkpoint import CheckpointError
+        from .data import MNISTDataError
+        from .train import DirectoryInUseError, SetupError, train, TrainingInterrupted, WriteError
+    except KeyboardInterrupt:  # (importing JAX takes a while)
+        print("fixedpoint-mnist: interrupted before training began; nothing saved", file=sys.stderr)
+        return 130
     try:
         result = train(config, progress=progress)
     except SetupError as e:
         print(f"fixedpoint-mnist: error: {_as_options(str(e))}", file=sys.stderr)
         return 2
-    except (MNISTDataError, CheckpointError) as e:
-        print(f"fixedpoint-mnist: error: {e}", file=sys.stderr)
+    except (MNISTDataError, CheckpointError, DirectoryInUseError, WriteError) as e:
+        print(f"fixedpoint-mnist: error: {_as_options(str(e))}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        print(f"fixedpoint-mnist: {_as_options(str(e))}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # (before training began: nothing was written)
+        print("fixedpoint-mnist: interrupted before training began; nothing saved", file=sys.stderr)
+        return 130
     if result.history:
         last = result.history[-1]
         print(

@@ -1,14 +1,20 @@
 """Checkpoints: write one atomically after every epoch, read it back to resume, and
 `load_model` (the trained model of a checkpoint, rebuilt from its configuration).
 
-A checkpoint (in `checkpoint_dir`) is ``ckpt-XXXX.eqx`` (the arrays of the pytrees, via
-`eqx.tree_serialise_leaves`; not their Python scalars, which the saved configuration
-rebuilds) and ``checkpoint.json`` (epoch, file name, history,
-config). Both are written to a temporary file and moved into place with `os.replace`;
-the JSON is written last and is the commit point, so an interrupted write never leaves
-a checkpoint that points to a missing or partial file (the temporary files such a write
-leaves are removed when the next run starts, `remove_temporaries`). Files are written
-with the user's umask. A model or optimiser state that is not finite is never saved.
+A checkpoint (in `checkpoint_dir`) is ``ckpt-XXXX-TOKEN.eqx`` (the arrays of the pytrees,
+via `eqx.tree_serialise_leaves`; not their Python scalars, which the saved configuration
+rebuilds; ``XXXX`` is the epoch, ``TOKEN`` random, so that no two saves write the same
+file) and ``checkpoint.json`` (epoch, file name, history, config). Both are written to
+a temporary file and moved into place with `os.replace`; the JSON is written last and
+is the commit point, so an interrupted write never leaves a checkpoint that points to a
+missing or partial file. A save then removes the one ``.eqx`` file that the JSON it
+replaced named, and nothing else: two saves interleaved in one directory leave the
+checkpoint of whichever wrote its JSON last, whole. (What an interrupted save leaves,
+temporaries and a ``.eqx`` no JSON names, is removed when the next run that owns the
+directory starts, `remove_leftovers`.) Files are written with the user's umask. A
+model or optimiser state that is not finite is never saved; a save that fails (a full
+disk, a read-only directory) raises `WriteError` naming the file and the fault, and
+leaves the previous checkpoint as it was.
 
 Reading checks everything it reads: a checkpoint that is not what this code writes
 (truncated ``.eqx``, invalid JSON, a missing or mistyped key, a leaf of the wrong shape)
@@ -20,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._files import atomic_write, remove_temporaries as _remove_temporaries, write_text
+from ._files import (
+    atomic_write,
+    remove_temporaries as _remove_temporaries,
+    write_text,
+    WriteError,
+)
 from .build import make_model, make_optimizer
 from .config import Config
 from .model import DEQClassifier
@@ -55,8 +67,43 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
 
 
 def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Remove what an interrupted save left in `directory` (temporary files)."""
+    """Remove the temporary files an interrupted save left in `directory`."""
     return _remove_temporaries(Path(directory), CHECKPOINT_FILES)
+
+
+def remove_leftovers(directory: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted saves left in `directory`: temporary files, and the
+    ``ckpt-*.eqx`` files that ``checkpoint.json`` does not name (all of them if there
+    is no JSON; none if it cannot be read). Only for a directory this run owns (see
+    `fixedpoint_deq.mnist._files.lock_directories`): another run's are files it is
+    saving. Returns the removed paths."""
+    directory = Path(directory)
+    removed = remove_temporaries(directory)
+    try:
+        keep = _named_file(directory)
+    except CheckpointError:
+        return removed
+    for path in directory.glob("ckpt-*.eqx"):
+        if path.name != keep and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _named_file(directory: Path) -> str | None:
+    """The ``.eqx`` file that ``checkpoint.json`` in `directory` names (None if there is
+    no JSON; `CheckpointError` if it cannot be read, or its 'file' is not a file name
+    ending in ``.eqx``)."""
+    path = directory / CHECKPOINT_JSON
+    try:
+        name = json.loads(path.read_text())["file"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from e
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".eqx"):
+        raise CheckpointError(f"{path}: 'file' should name a .eqx file beside it")
+    return name
 
 
 def read_meta(directory: str | os.PathLike) -> dict:
@@ -104,26 +151,45 @@ def _all_finite(tree) -> bool:
 def save_checkpoint(
     directory: str | os.PathLike, epoch: int, model, opt_state, key, history, config: Config
 ) -> Path:
-    """Write the checkpoint of the end of `epoch` atomically (see the module docstring).
-    Raises `ValueError` (writing nothing) if the model or optimiser state is not finite."""
+    """Write the checkpoint of the end of `epoch` atomically (see the module docstring);
+    returns the path of its ``.eqx`` file.
+
+    **Raises:** `ValueError` (writing nothing) if the model or optimiser state is not
+    finite; `WriteError` (naming the file and the fault) if a file cannot be written,
+    the previous checkpoint then being as it was."""
     directory = Path(directory)
     if not _all_finite((model, opt_state)):
         raise ValueError(
             f"Refusing to save a checkpoint of epoch {epoch} in {directory}: the model or "
             "optimiser state holds non-finite values."
         )
-    name = f"ckpt-{epoch:04d}.eqx"
+    name = f"ckpt-{epoch:04d}-{secrets.token_hex(4)}.eqx"
     trees = (model, opt_state, jax.random.key_data(key))
     atomic_write(
         directory / name,
         lambda p: eqx.tree_serialise_leaves(p, host_tree(trees), filter_spec=_write_array),
     )
+    try:
+        replaced = _named_file(directory)
+    except CheckpointError:
+        replaced = None  # (left for `remove_leftovers`)
     meta = dict(epoch=epoch, file=name, history=history, config=dataclasses.asdict(config))
-    write_text(directory / CHECKPOINT_JSON, json.dumps(meta, indent=1))
-    for old in directory.glob("ckpt-*.eqx"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
+    try:
+        write_text(directory / CHECKPOINT_JSON, json.dumps(meta, indent=1))
+    except WriteError:
+        _remove(directory / name)
+        raise
+    if replaced is not None and replaced != name:
+        _remove(directory / replaced)
     return directory / name
+
+
+def _remove(path: Path) -> None:
+    """Remove `path` if it can be (a file that stays is a leftover, `remove_leftovers`)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _write_array(f, x) -> None:

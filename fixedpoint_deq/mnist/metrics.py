@@ -5,22 +5,46 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ._files import atomic_write, write_text
+from ._files import atomic_write, write_text, WriteError
 
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 
 
-def write_metrics(out_dir: str | os.PathLike, history: Sequence[dict]) -> None:
-    """`metrics.jsonl` (one JSON object per epoch) and the plot `metrics.png`."""
+def write_metrics(
+    out_dir: str | os.PathLike,
+    history: Sequence[dict],
+    warn: Callable[[str], None] | None = None,
+) -> None:
+    """`metrics.jsonl` (one JSON object per epoch) and the plot `metrics.png`.
+
+    **Arguments:**
+
+    - `out_dir`: the directory of both files.
+    - `history`: the records of the epochs so far.
+    - `warn`: called with a one-line message if the plot cannot be written (default: a
+      `RuntimeWarning`); the plot is a view of `metrics.jsonl`, so losing it does not
+      stop a run.
+
+    **Raises:** `WriteError` (naming the file and the fault) if `metrics.jsonl` cannot
+    be written."""
     out_dir = Path(out_dir)
     write_text(out_dir / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in history))
-    if history:
+    if not history:
+        return
+    try:
         plot_metrics(history, out_dir / PLOT_FILE)
+    except WriteError as e:
+        message = f"warning: {e}; the plot is not updated ({METRICS_FILE} is)"
+        if warn is None:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        else:
+            warn(message)
 
 
 def plot_metrics(history: Sequence[dict], path: str | os.PathLike) -> None:
@@ -28,7 +52,8 @@ def plot_metrics(history: Sequence[dict], path: str | os.PathLike) -> None:
     (log scale), cross-entropy (log scale), forward and backward solver steps per
     sample. Training is drawn per window of steps (the epoch records' ``curve``),
     the test-set evaluations as points at the end of each epoch; so that a one-epoch
-    run draws a curve, not one dot per panel."""
+    run draws a curve, not one dot per panel. Raises `WriteError` if `path` cannot be
+    written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,8 +102,10 @@ def plot_metrics(history: Sequence[dict], path: str | os.PathLike) -> None:
         with open(p, "wb") as f:
             fig.savefig(f, format="png", dpi=100)
 
-    atomic_write(Path(path), save)
-    plt.close(fig)
+    try:
+        atomic_write(Path(path), save)
+    finally:
+        plt.close(fig)
 
 
 def _examples(record: dict, index: int) -> float:

@@ -37,15 +37,26 @@ optimiser state) is not finite leaves the model and the optimiser state unchange
 steps are counted (``skipped`` in the metrics). A non-finite model is never saved.
 
 **Before the first step** (`prepare_run`): the checkpoint and output directories are
-created and checked to be writable, temporaries left by an interrupted save are removed,
-and a directory that holds a checkpoint is refused unless the run resumes it
+created and checked to be writable, then locked: a run owns them until it ends, however
+it ends, and another run that starts on one of them meanwhile is refused
+(`DirectoryInUseError`, naming the holder). Then what an interrupted save left is
+removed, and a directory that holds a checkpoint is refused unless the run resumes it
 (``resume``) or replaces it (``overwrite``): a run never deletes a model silently.
+
+**Faults and interruptions.** A checkpoint or ``metrics.jsonl`` that cannot be written
+(a full disk, a read-only directory) stops the run with a `WriteError` naming the file,
+the fault and the last good checkpoint, which is kept; a plot that cannot be written is
+a warning. Ctrl-C (SIGINT) stops the run between two steps, never inside a save:
+`TrainingInterrupted` says where and what was saved (a second Ctrl-C stops at once).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,7 +69,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 from .._monitor import JacobianRegSchedule
-from ._files import ensure_writable_directory, remove_temporaries
+from ._files import (
+    describe,
+    DirectoryInUseError,
+    DirectoryLock,
+    ensure_writable_directory,
+    lock_directories,
+    remove_temporaries,
+    WriteError,
+)
 from .build import make_adjoint, make_model, make_optimizer, make_solver
 from .checkpoint import (
     CHECKPOINT_JSON,
@@ -67,7 +86,7 @@ from .checkpoint import (
     load_checkpoint,
     load_model,
     read_meta,
-    remove_temporaries as remove_checkpoint_temporaries,
+    remove_leftovers,
     save_checkpoint,
 )
 from .config import (
@@ -91,6 +110,7 @@ __all__ = [
     "CHECKPOINT_JSON",
     "CheckpointError",
     "Config",
+    "DirectoryInUseError",
     "FORWARD_SOLVERS",
     "METRICS_FILE",
     "PLOT_FILE",
@@ -117,7 +137,9 @@ __all__ = [
     "save_checkpoint",
     "step_key",
     "train",
+    "TrainingInterrupted",
     "write_metrics",
+    "WriteError",
 ]
 
 
@@ -134,6 +156,70 @@ class Result:
 
 #: Points per epoch of the per-step training curve (``record["curve"]``).
 CURVE_POINTS = 40
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (SIGINT). The message says where, and what was saved;
+    `saved_epoch` is the epoch of the checkpoint in `checkpoint_dir` that this run
+    wrote or resumed (None if none)."""
+
+    def __init__(self, message: str, saved_epoch: int | None):
+        super().__init__(message)
+        self.saved_epoch = saved_epoch
+
+
+class _Interrupts:
+    """While entered (in the main thread): Ctrl-C sets `requested`, which the training
+    loop checks between steps, instead of raising `KeyboardInterrupt` wherever the
+    interpreter happens to be (inside a save, or inside a callback of JAX's garbage
+    collector, which would swallow it). A second Ctrl-C raises at once. The previous
+    handler is restored on exit; an ignored SIGINT stays ignored."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+        # Where the run is, for the message (set by the training loop).
+        self.epoch = 0
+        self.steps_done = 0
+        self.saved_epoch: int | None = None
+
+    def stop(self, config: Config, steps_per_epoch: int | None) -> TrainingInterrupted:
+        """The exception that stops the run: where it stopped (`steps_per_epoch`: None if
+        it stopped at once, inside a step), and what was saved."""
+        if self.epoch == 0:
+            where = "before the first step"
+        elif steps_per_epoch is None:
+            where = f"in epoch {self.epoch}"
+        elif self.steps_done == steps_per_epoch:
+            where = f"after epoch {self.epoch}"
+        else:
+            where = f"in epoch {self.epoch} after {self.steps_done} of {steps_per_epoch} steps"
+        saved = _last_checkpoint(config, self.saved_epoch)
+        if self.saved_epoch is not None:
+            saved += " (continue it with `resume`)"
+        return TrainingInterrupted(f"interrupted {where}; {saved}", self.saved_epoch)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not signal.SIG_IGN:
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+                self._installed = True
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._installed:
+            previous = self._previous
+            signal.signal(
+                signal.SIGINT, signal.default_int_handler if previous is None else previous
+            )
+            self._installed = False
 
 
 def evaluate(
@@ -175,9 +261,19 @@ def evaluate(
     return out
 
 
-def prepare_run(config: Config) -> None:
-    """What `train` checks before it reads any data (see the module docstring). Raises
-    `SetupError` for a directory that cannot be written or a checkpoint in the way, and
+def prepare_run(config: Config, *, main: bool = True) -> DirectoryLock:
+    """What `train` does before it reads any data (see the module docstring): returns
+    the lock on the run's directories, which the caller releases (`DirectoryLock.release`,
+    or ``with prepare_run(config):``) when the run ends.
+
+    **Arguments:**
+
+    - `config`: the run's settings.
+    - `main`: whether this is the process that writes the files (the first of a
+      multi-host run); the others only check, and neither lock nor remove anything.
+
+    **Raises:** `SetupError` for a directory that cannot be written or a checkpoint in
+    the way, `DirectoryInUseError` for a directory another run holds, and
     `CheckpointError` for a checkpoint to resume that cannot be read."""
     directories = [("checkpoint_dir", config.checkpoint_dir), ("out_dir", config.out_dir)]
     for name, directory in directories:
@@ -187,21 +283,51 @@ def prepare_run(config: Config) -> None:
             ensure_writable_directory(directory)
         except OSError as e:
             raise SetupError(f"`{name}`: {e}") from e
-    if config.out_dir is not None:
-        remove_temporaries(Path(config.out_dir), (METRICS_FILE, PLOT_FILE))
-    if config.checkpoint_dir is None:
-        return
-    remove_checkpoint_temporaries(config.checkpoint_dir)
-    if not has_checkpoint(config.checkpoint_dir):
+    if not main:
+        _check_checkpoint(config)
+        return DirectoryLock()
+    try:
+        lock = lock_directories(d for _, d in directories if d is not None)
+    except OSError as e:
+        raise SetupError(f"cannot lock the run's directories: {e}") from e
+    try:
+        if config.out_dir is not None:
+            remove_temporaries(Path(config.out_dir), (METRICS_FILE, PLOT_FILE))
+        if config.checkpoint_dir is not None:
+            remove_leftovers(config.checkpoint_dir)
+        _check_checkpoint(config)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _check_checkpoint(config: Config) -> None:
+    """Refuse a checkpoint in the way; read the one to resume (so that a corrupt
+    checkpoint fails now, not after loading the data)."""
+    if config.checkpoint_dir is None or not has_checkpoint(config.checkpoint_dir):
         return
     if config.resume:
-        read_meta(config.checkpoint_dir)  # a corrupt checkpoint fails now, not after loading data
+        read_meta(config.checkpoint_dir)
     elif not config.overwrite:
         path = Path(config.checkpoint_dir) / CHECKPOINT_JSON
         raise SetupError(
             f"{path} holds the checkpoint of an earlier run: pass `resume` to continue it, or "
             "`overwrite` to start afresh and replace it (or pick another `checkpoint_dir`)."
         )
+
+
+def _last_checkpoint(config: Config, saved_epoch: int | None) -> str:
+    """What the checkpoint directory holds of this run, in words."""
+    if config.checkpoint_dir is None:
+        return "nothing saved (no `checkpoint_dir`)"
+    if saved_epoch is None:
+        if config.overwrite and has_checkpoint(config.checkpoint_dir):
+            return (
+                f"nothing saved (the earlier run's checkpoint in {config.checkpoint_dir} is kept)"
+            )
+        return "nothing saved"
+    return f"last good checkpoint: epoch {saved_epoch} in {config.checkpoint_dir}"
 
 
 def train(
@@ -218,12 +344,48 @@ def train(
     `load_data` (default: `load_data(config)`); images go through `prepare_images`
     unless already float32 ``(N, 1, 28, 28)``. `stop_after_epoch`: stop once that epoch
     is done (to simulate an interruption; the schedule still spans `config.epochs`).
+    `progress`: show progress bars. `log`: called with each line of the log.
+
+    The run holds its directories for its whole life (`prepare_run`).
+
+    **Raises:** `SetupError`, `DirectoryInUseError`, `CheckpointError` before anything
+    is read (see `prepare_run`); `WriteError` if a checkpoint or ``metrics.jsonl`` cannot
+    be written (the message names the file, the fault and the last good checkpoint);
+    `TrainingInterrupted` on Ctrl-C.
     """
     config.check()
-    prepare_run(config)
     if config.distributed:
         jax.distributed.initialize()
-    is_main = jax.process_index() == 0
+        is_main = jax.process_index() == 0
+    else:
+        is_main = True
+    with prepare_run(config, main=is_main), _Interrupts() as interrupts:
+        try:
+            return _run(config, data, progress, log, stop_after_epoch, is_main, interrupts)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:  # (a second Ctrl-C: at once, wherever it landed)
+            raise interrupts.stop(config, None) from None
+
+
+def _fault(error: OSError, directory: str | os.PathLike) -> str:
+    """`error` in one line that names the file (`WriteError`'s message already does)."""
+    if isinstance(error, WriteError):
+        return str(error)
+    where = error.filename if error.filename is not None else directory
+    return f"cannot write {where}: {describe(error)}"
+
+
+def _run(
+    config: Config,
+    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
+    progress: bool,
+    log: Callable[[str], None],
+    stop_after_epoch: int | None,
+    is_main: bool,
+    interrupts: _Interrupts,
+) -> Result:
+    """The run of `train`, once its directories are held."""
     mesh = make_mesh()
     ndev = mesh.devices.size
     if config.batch_size % ndev:
@@ -252,6 +414,7 @@ def train(
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     history: list[dict] = []
     start_epoch = 1
+    saved_epoch: int | None = None  # (of the checkpoint this run wrote or resumed)
     warm = WarmStarts(n, config.width, model.state_side) if config.reuse_fixed_points else None
     schedule = JacobianRegSchedule(config.jac_reg, every=config.jac_reg_every)
     if config.resume:
@@ -271,6 +434,7 @@ def train(
         else:
             epoch, model, opt_state, base_key, history, saved = loaded
             start_epoch = epoch + 1
+            saved_epoch = epoch
             log(f"resumed from {config.checkpoint_dir} after epoch {epoch}")
             if warm is not None:
                 warm.load(config.checkpoint_dir, epoch, log)
@@ -285,6 +449,7 @@ def train(
     curve_every = max(1, steps_per_epoch // CURVE_POINTS)
     if progress and is_main:
         from tqdm.auto import tqdm
+    interrupts.saved_epoch = saved_epoch
     for epoch in range(start_epoch, last_epoch + 1):
         t0 = time.perf_counter()
         order = epoch_order(config.seed, epoch, n)
@@ -296,6 +461,11 @@ def train(
         if progress and is_main:
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=True)
         for s in range(steps_per_epoch):
+            interrupts.epoch, interrupts.steps_done = epoch, s
+            if interrupts.requested:
+                if bar is not None:
+                    bar.close()
+                raise interrupts.stop(config, steps_per_epoch)
             idx = order[s * config.batch_size : (s + 1) * config.batch_size]
             x = put(train_x[idx], sharding)
             y = put(train_y[idx], sharding)
@@ -391,15 +561,33 @@ def train(
                 )
             )
             if config.checkpoint_dir is not None:
-                if warm is not None:  # first: the checkpoint's JSON is the commit point
-                    warm.save(config.checkpoint_dir, epoch)
-                save_checkpoint(
-                    config.checkpoint_dir, epoch, model, opt_state, base_key, history, config
-                )
+                try:
+                    if warm is not None:  # first: the checkpoint's JSON is the commit point
+                        warm.save(config.checkpoint_dir, epoch)
+                    save_checkpoint(
+                        config.checkpoint_dir, epoch, model, opt_state, base_key, history, config
+                    )
+                except OSError as e:
+                    raise WriteError(
+                        f"{_fault(e, config.checkpoint_dir)}; the checkpoint of epoch {epoch} "
+                        f"was not saved ({_last_checkpoint(config, saved_epoch)})"
+                    ) from e
+                saved_epoch = interrupts.saved_epoch = epoch
                 if warm is not None:
-                    warm.prune(config.checkpoint_dir, epoch)
+                    try:
+                        warm.prune(config.checkpoint_dir, epoch)
+                    except OSError as e:
+                        log(f"warning: {_fault(e, config.checkpoint_dir)}")
             if config.out_dir is not None:
-                write_metrics(config.out_dir, history)
+                try:
+                    write_metrics(config.out_dir, history, warn=log)
+                except OSError as e:
+                    raise WriteError(
+                        f"{_fault(e, config.out_dir)} ({_last_checkpoint(config, saved_epoch)})"
+                    ) from e
+        interrupts.epoch, interrupts.steps_done = epoch, steps_per_epoch
+        if interrupts.requested:
+            raise interrupts.stop(config, steps_per_epoch)
     return Result(
         model=model,
         opt_state=opt_state,
