@@ -1,4 +1,10 @@
-"""Shared fixtures of the solver tests (`test_solvers.py`, `test_failures.py`)."""
+"""Shared fixtures of the tests.
+
+A test module marked `pytest.mark.strict_promotion` runs each of its tests with
+`jax_numpy_dtype_promotion="strict"`, as optimistix and lineax run their own suites
+(and as some users run): the solvers, linear solvers, adjoints and the DEQ layer must
+never rely on implicit promotion between dtypes.
+"""
 
 import jax
 import pytest
@@ -9,3 +15,13 @@ def enable_x64():
     """Run one test with 64-bit types enabled (restored afterwards)."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _dtype_promotion(request):
+    """Strict dtype promotion for the tests marked `strict_promotion`."""
+    if request.node.get_closest_marker("strict_promotion") is None:
+        yield
+    else:
+        with jax.numpy_dtype_promotion("strict"):
+            yield

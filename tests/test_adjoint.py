@@ -16,6 +16,10 @@ import pytest
 import fixedpoint as fp
 
 
+# Solvers, linear solvers, adjoints and the DEQ layer never rely on implicit promotion.
+pytestmark = pytest.mark.strict_promotion
+
+
 TOL: dict[str, Any] = dict(rtol=1e-11, atol=1e-12)
 FORWARD = {
     "anderson": fp.Anderson(**TOL),

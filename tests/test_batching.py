@@ -16,6 +16,10 @@ import pytest
 import fixedpoint as fp
 
 
+# Solvers, linear solvers, adjoints and the DEQ layer never rely on implicit promotion.
+pytestmark = pytest.mark.strict_promotion
+
+
 N = 5
 MAX_STEPS = 30
 

@@ -13,9 +13,10 @@ import pytest
 import fixedpoint as fp
 
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Complex support in Optimistix is a work in progress"
-)
+pytestmark = [
+    pytest.mark.strict_promotion,
+    pytest.mark.filterwarnings("ignore:Complex support in Optimistix is a work in progress"),
+]
 
 N = 8
 # Broyden keeps its rank-one terms summed as an N x N matrix when N <= memory (the
@@ -131,7 +132,7 @@ def test_complex_rotation(name):
     """z = 0.9 e^{i theta_j} z_j + (1 + i), rotations of different angles: Broyden
     used to stop with a divergence; now every solver converges, Anderson and Broyden
     in a few steps."""
-    phases = jnp.exp(1j * jnp.linspace(0.0, 3.0, 4)).astype(jnp.complex64)
+    phases = jnp.asarray(np.exp(1j * np.linspace(0.0, 3.0, 4)), jnp.complex64)
     exact = (1 + 1j) / (1 - 0.9 * np.asarray(phases))
     solver = SOLVERS[name](rtol=1e-5, atol=1e-6)
     sol = optx.fixed_point(

@@ -10,6 +10,10 @@ import pytest
 import fixedpoint as fp
 
 
+# Solvers, linear solvers, adjoints and the DEQ layer never rely on implicit promotion.
+pytestmark = pytest.mark.strict_promotion
+
+
 @pytest.fixture(autouse=True)
 def x64():
     with jax.enable_x64(True):

@@ -6,6 +6,10 @@ import pytest
 import fixedpoint as fp
 
 
+# Solvers, linear solvers, adjoints and the DEQ layer never rely on implicit promotion.
+pytestmark = pytest.mark.strict_promotion
+
+
 def _cell(z, p):
     w, x = p
     return jnp.tanh(w @ z + x)

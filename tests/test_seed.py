@@ -5,8 +5,13 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fixedpoint_deq import FixedPointSolver
+
+
+# Solvers, linear solvers, adjoints and the DEQ layer never rely on implicit promotion.
+pytestmark = pytest.mark.strict_promotion
 
 
 def _problem():

@@ -53,16 +53,22 @@ def flat_dtype(y: PyTree) -> jnp.dtype:
     leaves = jtu.tree_leaves(y)
     if not leaves:
         raise ValueError("`y0` must contain at least one array.")
-    return jnp.result_type(*leaves)
+    # A PyTree may mix dtypes (float32 and float64 leaves): the flat state takes their
+    # common type, whatever the user's `jax_numpy_dtype_promotion` (each leaf keeps its
+    # own dtype in the iterates; see `ravel`, `unravel_like`).
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.result_type(*leaves)
 
 
 def ravel(tree: PyTree, dtype: jnp.dtype) -> Array:
-    return ravel_pytree(tree)[0].astype(dtype)
+    with jax.numpy_dtype_promotion("standard"):
+        return ravel_pytree(tree)[0].astype(dtype)
 
 
 def unravel_like(flat: Array, like: PyTree) -> PyTree:
-    _, unravel = ravel_pytree(like)
-    return unravel(flat)
+    with jax.numpy_dtype_promotion("standard"):
+        _, unravel = ravel_pytree(like)
+        return unravel(flat)
 
 
 def tree_where(pred: Bool[Array, ""], a: PyTree, b: PyTree) -> PyTree:
@@ -103,8 +109,12 @@ def rarely(pred: Bool[Array, ""], compute: Callable[[], Any], skip: Callable[[],
 def acc_dtype(dtype) -> jnp.dtype:
     """The dtype of reductions (scalar products, norms, small solves): the state's
     dtype promoted to at least float32 (float16/bfloat16 states accumulate in
-    float32; complex stays complex)."""
-    return jnp.promote_types(dtype, jnp.float32)
+    float32; complex stays complex). Chosen explicitly rather than by type promotion,
+    which `jax_numpy_dtype_promotion="strict"` forbids between float widths."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+        return jnp.dtype(jnp.float32)
+    return dtype
 
 
 def negligible(dtype) -> float:
@@ -145,7 +155,7 @@ def secant_scale(s: Array, d: Array, acc: jnp.dtype, small: float) -> tuple[Arra
     norms = jnp.sqrt(s_s * d_d)
     abs_ds = jnp.abs(d_s)
     ratio = jnp.sqrt(s_s / jnp.where(d_d > 0, d_d, 1))
-    scale = d_s / jnp.where(abs_ds > 0, abs_ds, 1) * ratio
+    scale = d_s / jnp.where(abs_ds > 0, abs_ds, 1).astype(d_s.dtype) * ratio.astype(d_s.dtype)
     valid = (d_d > 0) & (abs_ds > small * norms) & jnp.isfinite(scale)
     cosine = jnp.real(d_s) / jnp.where(norms > 0, norms, 1)
     return scale, valid, cosine, d_s, s_s, d_d

@@ -115,7 +115,9 @@ def anderson_coefficients(
     i = jnp.arange(gram.shape[0])
     # (The entries of empty columns are zeroed, not scaled by 0: they may be anything.)
     gram = jnp.where(good[:, None] & good[None, :], gram, 0)
-    system = (gram * inv[:, None] * inv[None, :]).at[i, i].add(jnp.where(good, reg, 1))
+    system = (
+        (gram * inv[:, None] * inv[None, :]).at[i, i].add(jnp.where(good, reg, 1).astype(dtype))
+    )
     gamma = _solve_hpd(system, jnp.where(good, dr_r.astype(dtype), 0) * inv) * inv
     return jnp.where(jnp.isfinite(gamma), gamma, 0)
 
@@ -263,7 +265,7 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
             from_best=jnp.array(False),
             num_restarts=jnp.array(0),
             restart_t=jnp.array(1, real),
-            restart_best=jnp.array(jnp.inf, real),
+            restart_best=jnp.array(jnp.inf, jnp.finfo(y_flat.dtype).dtype),  # as the norms
             pending_restart=jnp.array(False),
             h0=jnp.array(-self.beta, acc),
             scaled=jnp.array(False),
@@ -294,7 +296,9 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         acc = state.gram.dtype
         real = state.restart_t.dtype
         # (jnp, not Python's max: `regularisation` may be traced.)
-        reg = jnp.maximum(jnp.asarray(self.regularisation, real), 10 * jnp.finfo(dtype).eps)
+        reg = jnp.maximum(
+            jnp.asarray(self.regularisation, real), jnp.asarray(10 * jnp.finfo(dtype).eps, real)
+        )
 
         # Safeguard: reject a point whose residual blew up; restart from the best.
         reject = (
