@@ -45,16 +45,23 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
+import numpy as np
 import optimistix as optx
 from equinox.internal import ω
 from jaxtyping import Array, Float, PyTree
 
 from . import linear
-from ._iterate import batch_aware, while_loop
+from ._iterate import iterate, keeps_finished_state, while_loop
+from ._optx_compat import as_inputs
 from ._validate import as_int, check_int, check_real
 
 
 def _float32(x) -> Array:
+    if isinstance(x, (int, float)):
+        # A NumPy scalar for a Python number (the defaults below): importing fixedpoint
+        # must create no JAX array, which would start JAX's backend before a user can
+        # call `jax.distributed.initialize` (refused once the backend runs).
+        return np.asarray(x, dtype=np.float32)  # pyright: ignore[reportReturnType]
     return jnp.asarray(x, dtype=jnp.float32)
 
 
@@ -118,7 +125,11 @@ class _AbstractStatsAdjoint(optx.AbstractAdjoint):
         # without it (keyword arguments of a custom VJP must not be differentiated).
         rule = eqx.tree_at(lambda a: a.stats, self, None)
         root, residual = _solve(
-            (self.stats, inputs), primal_fn=primal_fn, rewrite_fn=rewrite_fn, adjoint=rule
+            (self.stats, inputs),
+            primal_fn=primal_fn,
+            rewrite_fn=rewrite_fn,
+            adjoint=rule,
+            one_loop=keeps_finished_state(as_inputs(inputs).solver),
         )
         # Step counts, result codes and solver state carry no derivative; detach them
         # so that e.g. `throw=True`'s error check is never differentiated.
@@ -128,16 +139,16 @@ class _AbstractStatsAdjoint(optx.AbstractAdjoint):
 
 
 @eqx.filter_custom_vjp
-def _solve(stats_and_inputs, *, primal_fn, rewrite_fn, adjoint):
+def _solve(stats_and_inputs, *, primal_fn, rewrite_fn, adjoint, one_loop):
     _, inputs = stats_and_inputs
-    return batch_aware(primal_fn, inputs)
+    return iterate(primal_fn, inputs, one_loop=one_loop)
 
 
 @_solve.def_fwd
-def _solve_fwd(perturbed, stats_and_inputs, *, primal_fn, rewrite_fn, adjoint):
+def _solve_fwd(perturbed, stats_and_inputs, *, primal_fn, rewrite_fn, adjoint, one_loop):
     del perturbed
     _, inputs = stats_and_inputs
-    root, residual = batch_aware(primal_fn, inputs)
+    root, residual = iterate(primal_fn, inputs, one_loop=one_loop)
     return (root, residual), root
 
 
@@ -146,8 +157,10 @@ def _is_none(x):
 
 
 @_solve.def_bwd
-def _solve_bwd(root, grad_obj, perturbed, stats_and_inputs, *, primal_fn, rewrite_fn, adjoint):
-    del perturbed, primal_fn
+def _solve_bwd(
+    root, grad_obj, perturbed, stats_and_inputs, *, primal_fn, rewrite_fn, adjoint, one_loop
+):
+    del perturbed, primal_fn, one_loop
     stats, inputs = stats_and_inputs
     root_cotangent, _ = grad_obj
     if root_cotangent is None:

@@ -1,6 +1,6 @@
-"""Validation of hyperparameters, shared by every module of `fixedpoint` and
-`fixedpoint_deq` (solvers, adjoints, linear solvers, the DEQ layer, the seed API and the
-MNIST configuration).
+"""Validation of hyperparameters, shared by every module of `fixedpoint` and, through
+`fixedpoint.internal`, of `fixedpoint_deq` (solvers, adjoints, linear solvers, the DEQ
+layer, the seed API and the MNIST configuration).
 
 The rules follow what optimistix accepts, and refuse early what would fail (or silently
 misbehave) later inside a solve:
