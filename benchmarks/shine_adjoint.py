@@ -37,10 +37,17 @@ from equinox.internal import ω
 from jax.flatten_util import ravel_pytree
 
 import fixedpoint as fp
-from fixedpoint._adjoint import _stats_like, BackwardStats
-from fixedpoint._iterate import batch_aware, while_loop
-from fixedpoint._solver.broyden import _apply_t
-from fixedpoint._validate import check_bool, check_choice
+from fixedpoint._solver.broyden import _apply_t  # Broyden's private state: an experiment
+from fixedpoint.internal import (
+    as_inputs,
+    as_residual,
+    backward_stats_like,
+    check_bool,
+    check_choice,
+    iterate,
+    keeps_finished_state,
+    while_loop,
+)
 from fixedpoint_deq._correction import _Recording
 
 
@@ -77,7 +84,7 @@ class ShineAdjoint(optx.AbstractAdjoint):
     mode: str = eqx.field(static=True, default="warm")
     linear_solver: lx.AbstractLinearSolver = fp.linear.Anderson(rtol=1e-4, atol=1e-6)
     throw: bool = True
-    stats: BackwardStats = BackwardStats()
+    stats: fp.BackwardStats = fp.BackwardStats()
 
     def __check_init__(self) -> None:
         check_choice("mode", self.mode, MODES)
@@ -85,11 +92,16 @@ class ShineAdjoint(optx.AbstractAdjoint):
 
     def apply(self, primal_fn, rewrite_fn, inputs, tags):
         del tags
-        _broyden_of(inputs[1])  # refuse another forward solver at trace time
         inputs = inputs + (while_loop,)
+        solver = as_inputs(inputs).solver
+        _broyden_of(solver)  # refuse another forward solver at trace time
         rule = eqx.tree_at(lambda a: a.stats, self, None)
         root, residual = _solve(
-            (self.stats, inputs), primal_fn=primal_fn, rewrite_fn=rewrite_fn, adjoint=rule
+            (self.stats, inputs),
+            primal_fn=primal_fn,
+            rewrite_fn=rewrite_fn,
+            adjoint=rule,
+            one_loop=keeps_finished_state(solver),
         )
         dynamic, static = eqx.partition(residual, eqx.is_array)
         residual = eqx.combine(jax.lax.stop_gradient(dynamic), static)
@@ -154,18 +166,18 @@ ShineAdjoint.__init__.__doc__ = """**Arguments:**
 
 
 @eqx.filter_custom_vjp
-def _solve(stats_and_inputs, *, primal_fn, rewrite_fn, adjoint):
+def _solve(stats_and_inputs, *, primal_fn, rewrite_fn, adjoint, one_loop):
     _, inputs = stats_and_inputs
-    return batch_aware(primal_fn, inputs)
+    return iterate(primal_fn, inputs, one_loop=one_loop)
 
 
 @_solve.def_fwd
-def _solve_fwd(perturbed, stats_and_inputs, *, primal_fn, rewrite_fn, adjoint):
+def _solve_fwd(perturbed, stats_and_inputs, *, primal_fn, rewrite_fn, adjoint, one_loop):
     del perturbed
     _, inputs = stats_and_inputs
-    root, residual = batch_aware(primal_fn, inputs)
+    root, residual = iterate(primal_fn, inputs, one_loop=one_loop)
     # The final solver state (its dynamic part): Broyden's factors for the backward pass.
-    return (root, residual), (root, residual[2])
+    return (root, residual), (root, as_residual(residual).dynamic_final_state)
 
 
 def _is_none(x):
@@ -173,8 +185,10 @@ def _is_none(x):
 
 
 @_solve.def_bwd
-def _solve_bwd(saved, grad_obj, perturbed, stats_and_inputs, *, primal_fn, rewrite_fn, adjoint):
-    del perturbed, primal_fn
+def _solve_bwd(
+    saved, grad_obj, perturbed, stats_and_inputs, *, primal_fn, rewrite_fn, adjoint, one_loop
+):
+    del perturbed, primal_fn, one_loop
     root, final_state = saved
     stats, inputs = stats_and_inputs
     root_cotangent, _ = grad_obj
@@ -186,7 +200,7 @@ def _solve_bwd(saved, grad_obj, perturbed, stats_and_inputs, *, primal_fn, rewri
         root,
         is_leaf=_is_none,
     )
-    solver, state = _broyden_of(inputs[1], final_state)
+    solver, state = _broyden_of(as_inputs(inputs).solver, final_state)
     diff, nondiff = eqx.partition(inputs, eqx.is_inexact_array)
 
     def g(z, _diff):
@@ -203,4 +217,4 @@ def _solve_bwd(saved, grad_obj, perturbed, stats_and_inputs, *, primal_fn, rewri
         vjp_root, root, root_cotangent, solver, state
     )
     diff_cotangent = vjp_g(w)[1]
-    return _stats_like(stats, num_steps, residual_norm, failed), diff_cotangent
+    return backward_stats_like(stats, num_steps, residual_norm, failed), diff_cotangent

@@ -54,9 +54,7 @@ import optimistix as optx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-from fixedpoint._solver import AbstractFixedPointRootFinder
-from fixedpoint._solver._common import is_done
-from fixedpoint._validate import as_int, check_int, check_real
+from fixedpoint.internal import as_int, check_int, check_real, keeps_finished_state
 
 
 def _as_steps(steps: Any) -> Any:
@@ -77,10 +75,19 @@ class _RecordingState(eqx.Module):
 class _Recording(optx.AbstractRootFinder):
     """Runs `solver` unchanged and records its iterate after each of `steps` steps;
     the recorded (flattened) iterates are `sol.stats["correction_states"]`, shape
-    ``(len(steps), n)`` (a step never reached: the returned solution)."""
+    ``(len(steps), n)`` (a step never reached: the returned solution).
+
+    A step taken from a finished state (one that `solver.terminate` reports done)
+    counts and records nothing, so the wrapper leaves a finished state unchanged
+    whenever `solver` does: a batch of solves then runs in one loop
+    (`keeps_finished_state`)."""
 
     solver: optx.AbstractRootFinder
     steps: tuple[int, ...] = eqx.field(static=True)
+
+    def __init__(self, solver: optx.AbstractRootFinder, steps: tuple[int, ...]):
+        self.solver = solver
+        self.steps = steps
 
     @property
     def rtol(self):  # pyright: ignore[reportIncompatibleVariableOverride]
@@ -104,12 +111,16 @@ class _Recording(optx.AbstractRootFinder):
             recorded=jnp.zeros(len(self.steps), bool),
         )
 
+    def keeps_finished_state(self) -> bool:
+        """Whether a batch of solves may run in one loop: when it may for `solver`."""
+        return keeps_finished_state(self.solver)
+
     def step(self, fn, y, args, options, state, tags):
-        # A finished solve of this package's solvers may still be stepped (a batch runs
-        # in one loop until every sample has finished; such a step changes nothing):
-        # then nothing is counted or recorded either.
-        progress = getattr(state.inner, "progress", None)
-        done = jnp.array(False) if progress is None else is_done(progress)
+        # A finished solve may still be stepped (a batch runs in one loop until every
+        # sample has finished, and the wrapped solver then changes nothing): nothing is
+        # counted or recorded either. (optimistix's own loop never steps a finished
+        # solve: there `done` is always False.)
+        done, _ = self.solver.terminate(fn, y, args, options, state.inner, tags)
         new_y, inner, aux = self.solver.step(fn, y, args, options, state.inner, tags)
         count = state.count + jnp.where(done, 0, 1).astype(state.count.dtype)
         hit = (jnp.asarray(self.steps) == count) & ~done
@@ -130,28 +141,6 @@ class _Recording(optx.AbstractRootFinder):
         final = ravel_pytree(y_out)[0].astype(state.states.dtype)
         states = jnp.where(state.recorded[:, None], state.states, final[None, :])
         return y_out, aux, dict(stats, correction_states=states)
-
-
-class _RecordingOurs(_Recording, AbstractFixedPointRootFinder):
-    """`_Recording` of one of this package's root finders: itself one (the required
-    settings are the wrapped solver's), so that a batch of solves runs in the one loop
-    of `fixedpoint._iterate` (see `_Recording.step` for the contract it keeps)."""
-
-    @property
-    def divergence_factor(self):  # pyright: ignore[reportIncompatibleVariableOverride]
-        return self.solver.divergence_factor  # pyright: ignore[reportAttributeAccessIssue]
-
-    @property
-    def divergence_patience(self):  # pyright: ignore[reportIncompatibleVariableOverride]
-        return self.solver.divergence_patience  # pyright: ignore[reportAttributeAccessIssue]
-
-    @property
-    def trace_length(self):  # pyright: ignore[reportIncompatibleVariableOverride]
-        return self.solver.trace_length  # pyright: ignore[reportAttributeAccessIssue]
-
-    # The wrapper's own (delegating) methods, not the base class's.
-    terminate = _Recording.terminate
-    postprocess = _Recording.postprocess
 
 
 class FixedPointCorrection(eqx.Module):
@@ -187,9 +176,7 @@ class FixedPointCorrection(eqx.Module):
         """`solver` wrapped so that the solve records the chosen iterates."""
         steps = tuple(int(s) for s in self.steps)
         # (rtol, atol and norm are properties read from `solver`.)
-        if isinstance(solver, AbstractFixedPointRootFinder):
-            return _RecordingOurs(solver, steps)  # pyright: ignore[reportCallIssue]
-        return _Recording(solver, steps)  # pyright: ignore[reportCallIssue]
+        return _Recording(solver, steps)
 
     def states(
         self,
