@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from fixedpoint._validate import check_bool, check_real
+from fixedpoint.internal import check_bool, check_real
 
 
 class VariationalDropout(eqx.Module):

@@ -10,7 +10,18 @@ import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 import fixedpoint as fp
-from fixedpoint._validate import as_int, check_bool, check_choice, check_int, check_real
+from fixedpoint.internal import (
+    as_int,
+    check_bool,
+    check_choice,
+    check_int,
+    check_real,
+    check_solver_name,
+    DEQ_BACKWARD,
+    DEQ_FORWARD,
+    root_finder,
+    solver_names,
+)
 
 from ._correction import FixedPointCorrection
 from ._dropout import prepare_dropout
@@ -26,8 +37,9 @@ def _cell_fn(z, args):
 _INITS = ("zero", "random")
 
 # What a name given as `DEQ(solver=...)` / `DEQ(adjoint=...)` builds: the forward solver of
-# that name with the layer's default tolerances and norm (see `DEQ`), and the adjoints.
-SOLVER_NAMES = ("anderson", "broyden", "neumann", "picard")
+# that name (the names of `fixedpoint.internal.SOLVERS`) with the layer's default
+# tolerances and norm (`fixedpoint.internal.DEQ_FORWARD`, see `DEQ`), and the adjoints.
+SOLVER_NAMES = solver_names()
 ADJOINT_NAMES = ("implicit", "phantom", "jfb")
 _SOLVER_KINDS = (
     optx.AbstractRootFinder,
@@ -38,10 +50,7 @@ _SOLVER_KINDS = (
 
 
 def _default_adjoint() -> fp.ImplicitAdjoint:
-    return fp.ImplicitAdjoint(
-        fp.linear.Anderson(m=5, rtol=1e-3, atol=1e-9, norm=optx.rms_norm, max_steps=30),
-        throw=False,
-    )
+    return fp.ImplicitAdjoint(fp.linear.Anderson(m=5, max_steps=30, **DEQ_BACKWARD()), throw=False)
 
 
 def _as_solver(
@@ -50,8 +59,8 @@ def _as_solver(
     """Field converter: a name becomes the root finder of that name (DEQ defaults).
     `name` is the field's, for the error message."""
     if isinstance(solver, str):
-        check_choice(name, solver, SOLVER_NAMES)
-        return fp.solver_from_name(solver, rtol=1e-3, atol=1e-5, norm=optx.rms_norm)
+        check_solver_name(name, solver)
+        return root_finder(solver, **DEQ_FORWARD())
     return solver
 
 
@@ -140,12 +149,12 @@ class DEQ(eqx.Module):
     """
 
     cell: Callable[[PyTree[Array], PyTree[Array]], PyTree[Array]]
-    # Defaults for DEQ states: the RMS norm (the max norm over thousands of elements is
-    # needlessly strict for a layer); backward: a purely relative rule (atol tiny),
-    # since the cotangent's scale depends on the loss (e.g. 1 / batch size).
+    # Defaults for DEQ states (`DEQ_FORWARD`, `DEQ_BACKWARD`): the RMS norm (the max
+    # norm over thousands of elements is needlessly strict for a layer); backward: a
+    # purely relative rule (atol tiny), since the cotangent's scale depends on the loss
+    # (e.g. 1 / batch size).
     solver: optx.AbstractRootFinder = eqx.field(
-        default=fp.Anderson(m=5, beta=1.0, rtol=1e-3, atol=1e-5, norm=optx.rms_norm),
-        converter=_as_solver,
+        default=fp.Anderson(m=5, beta=1.0, **DEQ_FORWARD()), converter=_as_solver
     )
     adjoint: optx.AbstractAdjoint = eqx.field(default=_default_adjoint(), converter=_as_adjoint)
     max_steps: int = eqx.field(static=True, default=30, converter=as_int)

@@ -20,7 +20,7 @@ import jax.tree_util as jtu
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Scalar
 
-from fixedpoint._validate import as_int, check_int, check_real
+from fixedpoint.internal import as_int, check_int, check_real
 
 
 def spectral_radius(

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from fixedpoint._validate import as_int, check_bool, check_choice, check_int, check_real
+from fixedpoint.internal import as_int, check_bool, check_choice, check_int, check_real
 
 
 KINDS = ("weight", "spectral")

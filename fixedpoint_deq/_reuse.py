@@ -33,7 +33,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int, PyTree
 
-from fixedpoint._validate import as_int, check_int
+from fixedpoint.internal import as_int, check_int
 
 
 class FixedPointCache(eqx.Module):

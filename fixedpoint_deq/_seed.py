@@ -1,7 +1,7 @@
 """`FixedPointSolver`: solvers configured by name, built on `DEQ`."""
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -11,12 +11,20 @@ from equinox.internal import ω
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 import fixedpoint as fp
-from fixedpoint._validate import as_int, check_choice, check_int, check_real
+from fixedpoint.internal import (
+    as_int,
+    check_choice,
+    check_int,
+    check_real,
+    check_solver_name,
+    linear_solver,
+    root_finder,
+    SEED,
+)
 
 from ._layer import DEQ
 
 
-_SOLVERS = ("anderson", "broyden", "neumann", "picard")
 _INIT = ("zero", "random")
 
 
@@ -66,12 +74,12 @@ class FixedPointSolver(eqx.Module):
     bwd_iterations: int = eqx.field(static=True, default=3, converter=as_int)
     anderson_m: int = eqx.field(static=True, default=3, converter=as_int)
     anderson_b: float = eqx.field(static=True, default=0.5)
-    fwd_tol: float = eqx.field(static=True, default=1e-4)
-    bwd_tol: float = eqx.field(static=True, default=1e-4)
+    fwd_tol: float = eqx.field(static=True, default=SEED.tol)
+    bwd_tol: float = eqx.field(static=True, default=SEED.tol)
 
     def __check_init__(self) -> None:
-        check_choice("fwd_solver", self.fwd_solver, _SOLVERS)
-        check_choice("bwd_solver", self.bwd_solver, _SOLVERS)
+        check_solver_name("fwd_solver", self.fwd_solver)
+        check_solver_name("bwd_solver", self.bwd_solver)
         check_choice("fwd_init", self.fwd_init, _INIT)
         check_int("fwd_iterations", self.fwd_iterations, low=1)
         check_int("bwd_iterations", self.bwd_iterations, low=1)
@@ -82,20 +90,20 @@ class FixedPointSolver(eqx.Module):
 
     def _forward_solver(self) -> fp.AbstractFixedPointRootFinder:
         # The seed's names: `anderson_m`, `anderson_b` are the library's `m`, `beta`.
-        kwargs: dict[str, Any] = dict(rtol=self.fwd_tol, atol=self.fwd_tol * 1e-2)
+        kwargs = SEED(self.fwd_tol)
         if self.fwd_solver == "anderson":
             kwargs.update(m=self.anderson_m, beta=self.anderson_b)
-        return fp.solver_from_name(self.fwd_solver, **kwargs)
+        return root_finder(self.fwd_solver, **kwargs)
 
     def _backward_solver(self) -> fp.linear.AbstractFixedPointLinearSolver:
-        kwargs: dict[str, Any] = dict(rtol=self.bwd_tol, atol=self.bwd_tol * 1e-2)
+        kwargs = SEED(self.bwd_tol)
         n = self.bwd_iterations
         if self.bwd_solver == "anderson":
             kwargs.update(m=self.anderson_m, beta=self.anderson_b)
         # As in the seed, "neumann" with n iterations sums the series up to the power n
         # (n + 1 terms); "picard" runs n iterations (n terms).
         max_steps = n + 1 if self.bwd_solver == "neumann" else n
-        return fp.linear.solver_from_name(self.bwd_solver, max_steps=max_steps, **kwargs)
+        return linear_solver(self.bwd_solver, max_steps=max_steps, **kwargs)
 
     def _deq(self, f: Callable) -> DEQ:
         return DEQ(

@@ -484,7 +484,7 @@ def test_deq_errors_name_the_parameter_given():
 
 
 def test_real_validator_refuses_nan_and_prints_no_infinite_bound():
-    from fixedpoint._validate import check_real
+    from fixedpoint.internal import check_real
 
     cell = make_cell(jax.random.key(0))
     for scale in (float("nan"), np.float32("nan")):

@@ -4,28 +4,34 @@ the common criterion; f evals = ``stats["num_steps"]``; the trace is
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
 
-import fixedpoint as fp
+from fixedpoint.internal import check_solver_name, root_finder
 
 from ..harness import stack_lanes, Trace
 from .base import JaxAdapter
 
 
 class Ours(JaxAdapter):
-    """`fixedpoint.Anderson` / `Broyden` / `Neumann` (built by
-    `fixedpoint.solver_from_name(method, ...)`: ``method`` is ``"anderson"``,
-    ``"broyden"`` or ``"picard"``) through `optx.fixed_point` (fixed-point problems) or
+    """`fixedpoint.Anderson` / `Broyden` / `Neumann` (built from the solver names of
+    `fixedpoint.internal.SOLVERS`: ``method`` is ``"anderson"``, ``"broyden"`` or
+    ``"picard"``) through `optx.fixed_point` (fixed-point problems) or
     `optx.root_find` (root problems). The tolerance is a traced argument of the
     compiled solve, so one compilation serves every tolerance."""
 
     library = "fixedpoint"
 
+    def __init__(self, name: str, method: str, *args: Any, **kwargs: Any):
+        check_solver_name("method", method)
+        super().__init__(name, method, *args, **kwargs)
+
     def solve_fn(self, fn, kind, budget):
         def solver(tol):
-            return fp.solver_from_name(
+            return root_finder(
                 self.method,
                 rtol=0.0,
                 atol=tol,

@@ -11,6 +11,7 @@ import optax
 import optimistix as optx
 
 import fixedpoint as fp
+from fixedpoint.internal import linear_solver, root_finder, TRAINER_BACKWARD, TRAINER_FORWARD
 
 from .._correction import FixedPointCorrection
 from .._norm import normalise
@@ -19,35 +20,29 @@ from .model import ConvCell, DEQClassifier
 
 
 def make_solver(config: Config, tol: float | None = None) -> fp.AbstractFixedPointRootFinder:
-    """The forward root finder. Its stopping rule is relative, in the RMS norm:
-    ``rms(r / (tol + tol * |z|)) < 1`` with `tol` (default `config.fwd_tol`)."""
+    """The forward root finder. Its stopping rule (`TRAINER_FORWARD`) is relative, in the
+    RMS norm: ``rms(r / (tol + tol * |z|)) < 1`` with `tol` (default `config.fwd_tol`)."""
     tol = config.fwd_tol if tol is None else tol
-    kwargs: dict[str, Any] = dict(rtol=tol, atol=tol, norm=optx.rms_norm, beta=config.beta)
-    kwargs.update(_history(config, config.solver))
-    return fp.solver_from_name(config.solver, **kwargs)
+    kwargs = TRAINER_FORWARD(tol)
+    kwargs.update(beta=config.beta, **_history(config, config.solver))
+    return root_finder(config.solver, **kwargs)
 
 
 def make_adjoint(config: Config) -> optx.AbstractAdjoint:
     """The backward pass. For `implicit`, the backward linear solve stops on a purely
-    relative rule (the cotangent's scale depends on the batch size, so an absolute
-    tolerance would be meaningless): ``rms(r / (1e-9 + tol * |w|)) < 1``. `unrolled`
-    is optimistix's `RecursiveCheckpointAdjoint`: backpropagation through the forward
-    solver's iterations (the ablation of the DEQ)."""
+    relative rule (`TRAINER_BACKWARD`: the cotangent's scale depends on the batch size,
+    so an absolute tolerance would be meaningless): ``rms(r / (1e-9 + tol * |w|)) < 1``.
+    `unrolled` is optimistix's `RecursiveCheckpointAdjoint`: backpropagation through
+    the forward solver's iterations (the ablation of the DEQ)."""
     if config.backward == "jfb":
         return fp.JacobianFreeAdjoint()
     if config.backward == "unrolled":
         return optx.RecursiveCheckpointAdjoint()
     if config.backward == "phantom":
         return fp.PhantomAdjoint(steps=config.phantom_steps, beta=config.phantom_beta)
-    kwargs: dict[str, Any] = dict(
-        rtol=config.backward_tol,
-        atol=1e-9,
-        max_steps=config.backward_max_steps,
-        norm=optx.rms_norm,
-    )
-    kwargs.update(_history(config, config.backward_solver))
-    linear_solver = fp.linear.solver_from_name(config.backward_solver, **kwargs)
-    return fp.ImplicitAdjoint(linear_solver, throw=False)
+    kwargs = TRAINER_BACKWARD(config.backward_tol)
+    kwargs.update(max_steps=config.backward_max_steps, **_history(config, config.backward_solver))
+    return fp.ImplicitAdjoint(linear_solver(config.backward_solver, **kwargs), throw=False)
 
 
 def _history(config: Config, name: str) -> dict[str, Any]:

@@ -14,15 +14,24 @@ import math
 import os
 from typing import Any
 
-from fixedpoint._validate import check_bool, check_choice, check_int, check_real
+from fixedpoint.internal import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_real,
+    solver_names,
+    TRAINER_BACKWARD,
+    TRAINER_FORWARD,
+)
 
 from .model import head_grid, HEADS
 
 
-FORWARD_SOLVERS = ("anderson", "broyden", "neumann")
+# The solver names of `fixedpoint.internal.SOLVERS`, without the alias "picard".
+FORWARD_SOLVERS = solver_names(aliases=False)
 NORMS = ("none", "weight", "spectral")
 BACKWARD_MODES = ("implicit", "jfb", "phantom", "unrolled")
-BACKWARD_SOLVERS = ("anderson", "broyden", "neumann")
+BACKWARD_SOLVERS = solver_names(aliases=False)
 
 #: The groups of ``--help``, in order.
 GROUPS = (
@@ -238,7 +247,7 @@ class Config:
         30, "forward solver", "maximum forward steps (default {default})", rule=POSITIVE
     )
     fwd_tol: float = option(
-        1e-2,
+        TRAINER_FORWARD.tol,
         "forward solver",
         "forward tolerance: stop when rms(r / (tol + tol |z|)) < 1 (default {default})",
         rule=Real(0.0),
@@ -266,7 +275,7 @@ class Config:
         rule=POSITIVE,
     )
     backward_tol: float = option(
-        1e-2,
+        TRAINER_BACKWARD.tol,
         "backward pass",
         "relative tolerance of the backward solve (default {default})",
         rule=Real(0.0),
