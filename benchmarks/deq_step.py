@@ -3,9 +3,10 @@
 The cell of `fixedpoint_deq.mnist` (width 12, 28x28, mean-pool head, batch 64, float32,
 AdamW) with exactly 10 Anderson forward steps (history of 5 differences: our ``m=5``,
 torchdeq's ``m=6`` stored iterates) and 5 backward steps, both frameworks on the same
-number of threads. Ours is built the way a user builds it: `make_model` and
-`make_train_step` of `fixedpoint_deq.mnist.train`. torchdeq (optional: ``pip install
-torch==2.13.0 torchdeq``) gets the same model written in torch.
+number of threads. Ours is built the way a user builds it: `make_model` of
+`fixedpoint_deq.mnist.build` and `make_train_step` of `fixedpoint_deq.mnist.steps`.
+torchdeq (optional: ``pip install torch==2.13.0 torchdeq``) gets the same model written
+in torch.
 
 Rows: the training step with the phantom gradient (5 steps), with implicit
 differentiation and a 5-step Neumann (torchdeq: ``fixed_point_iter``) backward, with a
@@ -54,7 +55,7 @@ def _data(seed: int = 0):
 
 
 def _our_config(backward: str, backward_solver: str = "neumann"):
-    from fixedpoint_deq.mnist.train import Config
+    from fixedpoint_deq.mnist.config import Config
 
     config = Config(
         width=WIDTH,
@@ -78,7 +79,8 @@ def _our_config(backward: str, backward_solver: str = "neumann"):
 
 
 def ours_train_step(backward: str, backward_solver: str = "neumann") -> Callable[[], None]:
-    from fixedpoint_deq.mnist.train import make_model, make_optimizer, make_train_step
+    from fixedpoint_deq.mnist.build import make_model, make_optimizer
+    from fixedpoint_deq.mnist.steps import make_train_step
 
     config = _our_config(backward, backward_solver)
     model = make_model(config)
@@ -98,7 +100,7 @@ def ours_train_step(backward: str, backward_solver: str = "neumann") -> Callable
 
 
 def ours_forward() -> Callable[[], None]:
-    from fixedpoint_deq.mnist.train import make_model
+    from fixedpoint_deq.mnist.build import make_model
 
     model = make_model(_our_config("phantom"))
     images = jnp.asarray(_data()[0])
@@ -117,7 +119,7 @@ def ours_forward() -> Callable[[], None]:
 
 def _our_cell_and_input():
     """Our model's cell and the projected input of the batch."""
-    from fixedpoint_deq.mnist.train import make_model
+    from fixedpoint_deq.mnist.build import make_model
 
     model = make_model(_our_config("phantom"))
     return model.deq.cell, jax.vmap(model.inject)(jnp.asarray(_data()[0]))

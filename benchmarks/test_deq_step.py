@@ -33,7 +33,7 @@ def test_the_torch_twin_computes_our_model():
     erf form by default, ours the tanh form - would show here)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("torchdeq")
-    from fixedpoint_deq.mnist.train import make_model
+    from fixedpoint_deq.mnist.build import make_model
 
     ours = make_model(deq_step._our_config("phantom"))
     twin = deq_step._torch_model("phantom")

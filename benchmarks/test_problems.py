@@ -223,11 +223,12 @@ def _check_against_model(problem, model):
 
 
 def test_mnist_random_cell_is_the_model_cell():
-    from fixedpoint_deq.mnist import train as tr
+    from fixedpoint_deq.mnist.build import make_model
+    from fixedpoint_deq.mnist.config import Config
 
     problem = _mnist_or_skip(weights="random", batch=2, width=4)
     with __import__("jax").enable_x64(False):
-        model = tr.make_model(tr.Config(width=4, seed=0))
+        model = make_model(Config(width=4, seed=0))
     _check_against_model(problem, model)
     # The injection is the model's projection of the first test digits (not zeros).
     assert np.abs(problem.params["x"]).max() > 1.0
@@ -239,7 +240,8 @@ def test_mnist_trained_cell_from_a_checkpoint(tmp_path, monkeypatch, compile_cac
     """Train a tiny model for a few steps, write its checkpoint, and build the trained
     problem from it: the same cell as the model's, a Newton-Krylov reference, and our
     solvers and SciPy's reaching the common tolerance on it."""
-    from fixedpoint_deq.mnist import train as tr
+    from fixedpoint_deq.mnist.config import Config
+    from fixedpoint_deq.mnist.train import train
 
     data_dir = problems.mnist_data_dir()
     _mnist_or_skip(weights="random", batch=1, width=4)  # skips without the digits
@@ -247,7 +249,7 @@ def test_mnist_trained_cell_from_a_checkpoint(tmp_path, monkeypatch, compile_cac
     with pytest.raises(problems.Unavailable, match="no checkpoint in .*none"):
         problems.mnist_deq_cell(weights="trained", batch=2, checkpoint=str(missing))
 
-    config = tr.Config(
+    config = Config(
         data_dir=data_dir,
         width=4,
         batch_size=32,
@@ -260,7 +262,7 @@ def test_mnist_trained_cell_from_a_checkpoint(tmp_path, monkeypatch, compile_cac
         checkpoint_dir=str(tmp_path / "ckpt"),
     )
     with __import__("jax").enable_x64(False):
-        result = tr.train(config, progress=False)
+        result = train(config, progress=False)
     monkeypatch.setenv(problems.ENV_MNIST_CHECKPOINT, str(tmp_path / "ckpt"))
     problem = problems.mnist_deq_cell(weights="trained", batch=2)
     assert "epoch 1" in problem.description

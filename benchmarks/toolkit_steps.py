@@ -43,18 +43,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warm-steps", type=int, default=60)
     args = p.parse_args(argv)
 
-    from fixedpoint_deq.mnist import train as tr
+    from fixedpoint_deq.mnist.build import make_model
+    from fixedpoint_deq.mnist.config import Config
     from fixedpoint_deq.mnist.data import load_mnist
+    from fixedpoint_deq.mnist.inputs import prepare_images
+    from fixedpoint_deq.mnist.steps import compiled_steps
 
     data = load_mnist(args.data_dir, verify=False)
     n = 64 * args.warm_steps + 64
-    images = tr.prepare_images(data.train_images[:n])
+    images = prepare_images(data.train_images[:n])
     labels = data.train_labels[:n].astype(np.int32)
     x, y = jnp.asarray(images[-64:]), jnp.asarray(labels[-64:])
 
-    base = tr.Config(batch_size=64, warmup_steps=10)
-    step, _, optimizer = tr.compiled_steps(base, 10_000)
-    model = tr.make_model(base)
+    base = Config(batch_size=64, warmup_steps=10)
+    step, _, optimizer = compiled_steps(base, 10_000)
+    model = make_model(base)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     earlier = model  # the model one (4000-digit) epoch before the timed one
     for s in range(args.warm_steps):
@@ -67,11 +70,11 @@ def main(argv: list[str] | None = None) -> None:
 
     runs = {}
     for name, settings in CONFIGS.items():
-        config = tr.Config(batch_size=64, warmup_steps=10, **settings)
-        step, _, optimizer = tr.compiled_steps(config, 10_000)
+        config = Config(batch_size=64, warmup_steps=10, **settings)
+        step, _, optimizer = compiled_steps(config, 10_000)
         # The trained parameters in this configuration's model (normalisation wraps
         # the cell's convolution: its raw weight is the trained one).
-        m = tr.make_model(config)
+        m = make_model(config)
         m = eqx.tree_at(
             lambda t: (t.project, t.project_norm, t.head, t.deq.cell.norm),
             m,

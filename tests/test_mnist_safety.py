@@ -27,6 +27,10 @@ import pytest
 
 from fixedpoint_deq.mnist import _files, checkpoint as ck, train as tr
 from fixedpoint_deq.mnist.__main__ import main
+from fixedpoint_deq.mnist.build import make_model, make_optimizer
+from fixedpoint_deq.mnist.config import Config
+from fixedpoint_deq.mnist.inputs import prepare_images
+from fixedpoint_deq.mnist.metrics import METRICS_FILE, PLOT_FILE
 
 
 # Three steps of 16 digits per epoch, two epochs: the smallest run with a step inside an
@@ -51,9 +55,9 @@ def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     images = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, 64).astype(np.int32)
     return (
-        tr.prepare_images(images[:48]),
+        prepare_images(images[:48]),
         labels[:48],
-        tr.prepare_images(images[48:]),
+        prepare_images(images[48:]),
         labels[48:],
     )
 
@@ -96,7 +100,7 @@ def _one_error_line(err: str, *parts: str) -> str:
 
 def _saved_epoch(ckpt: Path) -> int:
     """The epoch of the checkpoint in `ckpt`, which must load whole."""
-    _, _, epoch = tr.load_model(ckpt)
+    _, _, epoch = ck.load_model(ckpt)
     return epoch
 
 
@@ -116,10 +120,10 @@ def test_a_run_is_refused_a_directory_that_another_run_holds(tmp_path, monkeypat
     flags: here `--resume` against `--overwrite`) stops before it reads, writes or
     deletes anything, with one line naming the holder and exit status 1."""
     ckpt, out, _ = _dirs(tmp_path)
-    config = tr.Config(**TINY, checkpoint_dir=str(ckpt))
-    model = tr.make_model(config)
+    config = Config(**TINY, checkpoint_dir=str(ckpt))
+    model = make_model(config)
     ck.save_checkpoint(ckpt, 1, model, {}, jax.random.key(0), [], config)  # (an earlier run's)
-    with tr.prepare_run(tr.Config(**TINY, checkpoint_dir=str(ckpt), resume=True)):
+    with tr.prepare_run(Config(**TINY, checkpoint_dir=str(ckpt), resume=True)):
         # A save of the holder half-way through: its temporary file.
         saving = ckpt / ".ckpt-0002-0a0b0c0d.eqx.1a2b3c4d5e6f.tmp"
         saving.write_bytes(b"half a model")
@@ -130,13 +134,13 @@ def test_a_run_is_refused_a_directory_that_another_run_holds(tmp_path, monkeypat
             assert status == 1
             _one_error_line(err, f"{ckpt} is in use by another run", holder)
         # The output directory alone is enough to be refused.
-        with tr.prepare_run(tr.Config(out_dir=str(out))):
+        with tr.prepare_run(Config(out_dir=str(out))):
             status, _, err = _run(monkeypatch, capsys, "--out-dir", str(out))
             assert status == 1
             _one_error_line(err, f"{out} is in use by another run", holder)
         with pytest.raises(tr.DirectoryInUseError, match="in use by another run"):
             tr.train(
-                tr.Config(**TINY, checkpoint_dir=str(ckpt), overwrite=True),
+                Config(**TINY, checkpoint_dir=str(ckpt), overwrite=True),
                 DIGITS,
                 progress=False,
             )
@@ -182,10 +186,10 @@ def test_a_lock_of_another_process_refuses_until_it_is_killed(tmp_path, monkeypa
         holder.wait()
     lock_file = ckpt / _files.LOCK_FILE
     assert f'"pid": {holder.pid}' in lock_file.read_text()  # left behind
-    with tr.prepare_run(tr.Config(checkpoint_dir=str(ckpt))):
+    with tr.prepare_run(Config(checkpoint_dir=str(ckpt))):
         assert f'"pid": {os.getpid()}' in lock_file.read_text()
         with pytest.raises(tr.DirectoryInUseError, match=f"pid {os.getpid()} on"):
-            tr.prepare_run(tr.Config(checkpoint_dir=str(ckpt)))
+            tr.prepare_run(Config(checkpoint_dir=str(ckpt)))
     assert _unlocked(ckpt)
 
 
@@ -193,9 +197,9 @@ def test_a_lock_of_another_process_refuses_until_it_is_killed(tmp_path, monkeypa
 
 
 def _model_state(seed: int):
-    config = tr.Config(**dict(TINY, seed=seed))
-    model = tr.make_model(config)
-    opt_state = tr.make_optimizer(config, 6).init(eqx.filter(model, eqx.is_inexact_array))
+    config = Config(**dict(TINY, seed=seed))
+    model = make_model(config)
+    opt_state = make_optimizer(config, 6).init(eqx.filter(model, eqx.is_inexact_array))
     return config, model, opt_state
 
 
@@ -231,15 +235,54 @@ def test_interleaved_saves_leave_one_whole_checkpoint(tmp_path, monkeypatch):
             winner = meta["history"][0]["run"]
             assert winner == ("A" if when == "after A's .eqx" else "B")
             _, model, opt_state = runs[winner]
-            loaded = tr.load_checkpoint(ckpt, model, opt_state, key)
+            loaded = ck.load_checkpoint(ckpt, model, opt_state, key)
             assert loaded is not None and loaded[0] == (epoch_a if winner == "A" else epoch_b)
             got, want = (
                 jax.tree_util.tree_leaves(eqx.filter(m, eqx.is_array)) for m in (loaded[1], model)
             )
             for a, b in zip(got, want, strict=True):
                 np.testing.assert_array_equal(a, b)
-            tr.prepare_run(tr.Config(checkpoint_dir=str(ckpt), resume=True)).release()
-            assert sorted(p.name for p in ckpt.iterdir()) == [tr.CHECKPOINT_JSON, meta["file"]]
+            tr.prepare_run(Config(checkpoint_dir=str(ckpt), resume=True)).release()
+            assert sorted(p.name for p in ckpt.iterdir()) == [ck.CHECKPOINT_JSON, meta["file"]]
+
+
+def test_warm_starts_remove_only_the_cache_files_they_replace(tmp_path):
+    """Once the checkpoint of an epoch is saved, `WarmStarts.prune` removes the cache
+    files that this run wrote for other epochs and the one of the checkpoint that the
+    save replaced (here: the resumed one's), and no other ``fixed-points-*.npz`` (a
+    copy, another run's)."""
+    from fixedpoint_deq.mnist.warm import WarmStarts
+
+    ckpt, elsewhere = tmp_path / "ckpt", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    config = Config(**TINY, checkpoint_dir=str(ckpt))
+    ck.save_checkpoint(ckpt, 3, make_model(config), {}, jax.random.key(0), [], config)
+    assert ck.checkpoint_epoch(ckpt) == 3 and ck.checkpoint_epoch(elsewhere) is None
+    foreign = {
+        name: b"not this run's" for name in ("fixed-points-0001.npz", "fixed-points-0007.npz")
+    }
+    for name, content in {**foreign, "fixed-points-0003.npz": b"the resumed one's"}.items():
+        (ckpt / name).write_bytes(content)
+
+    def caches() -> list[str]:
+        return sorted(p.name for p in ckpt.glob("fixed-points-*.npz"))
+
+    warm = WarmStarts(8, 2, side=3)
+    warm.save(elsewhere, 4)  # (another directory: not pruned with this one)
+    assert warm.save(ckpt, 4) == ckpt / "fixed-points-0004.npz"
+    assert warm.prune(ckpt, 4, ck.checkpoint_epoch(ckpt)) == [ckpt / "fixed-points-0003.npz"]
+    assert caches() == ["fixed-points-0001.npz", "fixed-points-0004.npz", "fixed-points-0007.npz"]
+    warm.save(ckpt, 5)
+    assert warm.prune(ckpt, 5, 4) == [ckpt / "fixed-points-0004.npz"]
+    warm.save(ckpt, 5)  # (the same epoch again: its file is kept)
+    assert warm.prune(ckpt, 5, 5) == []
+    assert caches() == ["fixed-points-0001.npz", "fixed-points-0005.npz", "fixed-points-0007.npz"]
+    assert all((ckpt / name).read_bytes() == content for name, content in foreign.items())
+    assert (elsewhere / "fixed-points-0004.npz").is_file()
+    # What it wrote loads back.
+    loaded = WarmStarts(8, 2, side=3)
+    loaded.load(ckpt, 5, log=pytest.fail)
+    np.testing.assert_array_equal(np.asarray(loaded.cache.filled), np.asarray(warm.cache.filled))
 
 
 # --------------------------------------------------------------------------- faults
@@ -304,7 +347,7 @@ def test_a_failed_write_is_one_line_and_keeps_the_last_checkpoint(
             return write_text(self, *args, **kwargs)
 
         monkeypatch.setattr(Path, "write_text", full_out)
-        expected = [f"{out / tr.METRICS_FILE}: No space left on device"]
+        expected = [f"{out / METRICS_FILE}: No space left on device"]
         last = 2
     status, _, err = _run(monkeypatch, capsys, *dirs)
     assert status == 1, err
@@ -312,7 +355,7 @@ def test_a_failed_write_is_one_line_and_keeps_the_last_checkpoint(
     assert f"last good checkpoint: epoch {last} in {ckpt}" in line
     monkeypatch.undo()
     assert _saved_epoch(ckpt) == last
-    metrics = (out / tr.METRICS_FILE).read_text().splitlines()
+    metrics = (out / METRICS_FILE).read_text().splitlines()
     assert [json.loads(s)["epoch"] for s in metrics] == [1]
     leftovers = [p.name for d in (ckpt, out) for p in d.iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
@@ -331,10 +374,10 @@ def test_a_plot_that_cannot_be_written_is_a_warning(tmp_path, monkeypatch, capsy
     assert status == 0, err
     warnings = [s for s in stdout.splitlines() if s.startswith("warning:")]
     assert len(warnings) == 2  # one per epoch
-    assert f"{out / tr.PLOT_FILE}: No space left on device" in warnings[0]
-    metrics = (out / tr.METRICS_FILE).read_text().splitlines()
+    assert f"{out / PLOT_FILE}: No space left on device" in warnings[0]
+    metrics = (out / METRICS_FILE).read_text().splitlines()
     assert [json.loads(s)["epoch"] for s in metrics] == [1, 2]
-    assert sorted(p.name for p in out.iterdir()) == [tr.METRICS_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [METRICS_FILE]
     assert _saved_epoch(ckpt) == 2
 
 
@@ -392,5 +435,5 @@ def test_ctrl_c_stops_the_run_saying_what_was_saved(
     if at[0] == 2:
         assert _saved_epoch(ckpt) == 1
     else:
-        assert not (ckpt / tr.CHECKPOINT_JSON).exists()
+        assert not (ckpt / ck.CHECKPOINT_JSON).exists()
     assert _unlocked(ckpt, out)

@@ -26,8 +26,21 @@ import pytest
 import fixedpoint as fp
 import fixedpoint_deq as fd
 from fixedpoint_deq import DEQ
-from fixedpoint_deq.mnist import train as tr
+from fixedpoint_deq.mnist import data as mnist_data, train as tr
+from fixedpoint_deq.mnist.build import make_adjoint, make_model, make_optimizer, make_solver
+from fixedpoint_deq.mnist.checkpoint import (
+    CHECKPOINT_JSON,
+    CheckpointError,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
+from fixedpoint_deq.mnist.config import BACKWARD_SOLVERS, Config, FORWARD_SOLVERS, SetupError
+from fixedpoint_deq.mnist.inputs import epoch_order, prepare_images
+from fixedpoint_deq.mnist.metrics import METRICS_FILE, PLOT_FILE, write_metrics
 from fixedpoint_deq.mnist.model import _norm_hwc, conv3x3, ConvCell
+from fixedpoint_deq.mnist.sharding import make_mesh, put, replicate
+from fixedpoint_deq.mnist.steps import compiled_steps, make_eval_step, make_train_step
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +82,9 @@ def digits():
     data = load_mnist(DATA_DIR, verify=False)
     n, m = SMALL["train_subset"], SMALL["test_subset"]
     return (
-        tr.prepare_images(data.train_images[:n]),
+        prepare_images(data.train_images[:n]),
         data.train_labels[:n].astype(np.int32),
-        tr.prepare_images(data.test_images[:m]),
+        prepare_images(data.test_images[:m]),
         data.test_labels[:m].astype(np.int32),
     )
 
@@ -229,8 +242,8 @@ def test_layer_gradients_match_finite_differences():
 @pytest.fixture(scope="module")
 def straight_run(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    config = tr.Config(**SMALL, checkpoint_dir=str(out / "ckpt"), out_dir=str(out / "out"))
-    model0 = tr.make_model(config)
+    config = Config(**SMALL, checkpoint_dir=str(out / "ckpt"), out_dir=str(out / "out"))
+    model0 = make_model(config)
     result = tr.train(config, digits, progress=False, log=lambda s: None)
     return config, model0, result, out
 
@@ -239,8 +252,8 @@ def straight_run(digits, tmp_path_factory):
 def test_training_lowers_the_loss(straight_run, digits):
     config, model0, result, out = straight_run
     train_x, train_y, _, _ = digits
-    mesh = tr.make_mesh()
-    step_eval = tr.make_eval_step(config)
+    mesh = make_mesh()
+    step_eval = make_eval_step(config)
     before = tr.evaluate(model0, train_x, train_y, batch_size=128, mesh=mesh, eval_step=step_eval)
     after = tr.evaluate(
         result.model, train_x, train_y, batch_size=128, mesh=mesh, eval_step=step_eval
@@ -255,12 +268,12 @@ def test_training_lowers_the_loss(straight_run, digits):
         assert r["bwd_steps"] == config.phantom_steps  # the default backward: phantom
         assert 0 <= r["fwd_converged"] <= 1 and np.isfinite(r["jac_reg"])
     # Metrics, plot, checkpoint.
-    lines = (out / "out" / tr.METRICS_FILE).read_text().splitlines()
+    lines = (out / "out" / METRICS_FILE).read_text().splitlines()
     assert [json.loads(s)["epoch"] for s in lines] == [1, 2]
-    assert (out / "out" / tr.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    meta = json.loads((out / "ckpt" / tr.CHECKPOINT_JSON).read_text())
+    assert (out / "out" / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((out / "ckpt" / CHECKPOINT_JSON).read_text())
     assert meta["epoch"] == 2 and (out / "ckpt" / meta["file"]).is_file()
-    assert sorted(p.name for p in (out / "ckpt").iterdir()) == [tr.CHECKPOINT_JSON, meta["file"]]
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == [CHECKPOINT_JSON, meta["file"]]
 
 
 @needs_data
@@ -268,11 +281,9 @@ def test_resume_gives_the_same_weights(straight_run, digits, tmp_path):
     config, _, straight, _ = straight_run
     ckpt = tmp_path / "ckpt"
     base = dict(SMALL, checkpoint_dir=str(ckpt), out_dir=str(tmp_path / "out"))
-    first = tr.train(
-        tr.Config(**base), digits, progress=False, log=lambda s: None, stop_after_epoch=1
-    )
-    assert first.epoch == 1 and json.loads((ckpt / tr.CHECKPOINT_JSON).read_text())["epoch"] == 1
-    resumed = tr.train(tr.Config(**base, resume=True), digits, progress=False, log=lambda s: None)
+    first = tr.train(Config(**base), digits, progress=False, log=lambda s: None, stop_after_epoch=1)
+    assert first.epoch == 1 and json.loads((ckpt / CHECKPOINT_JSON).read_text())["epoch"] == 1
+    resumed = tr.train(Config(**base, resume=True), digits, progress=False, log=lambda s: None)
     assert resumed.epoch == 2 and [r["epoch"] for r in resumed.history] == [1, 2]
     for a, b in zip(_params(straight.model), _params(resumed.model), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
@@ -282,7 +293,7 @@ def test_resume_gives_the_same_weights(straight_run, digits, tmp_path):
     # A resumed run must agree on the settings that shape the model.
     with pytest.raises(ValueError, match="width"):
         tr.train(
-            tr.Config(**dict(base, width=4), resume=True),
+            Config(**dict(base, width=4), resume=True),
             digits,
             progress=False,
             log=lambda s: None,
@@ -292,22 +303,22 @@ def test_resume_gives_the_same_weights(straight_run, digits, tmp_path):
 @needs_data
 def test_non_finite_batch_skips_the_update(digits, tmp_path):
     train_x, train_y, test_x, test_y = digits
-    config = tr.Config(**SMALL)
-    model = tr.make_model(config)
+    config = Config(**SMALL)
+    model = make_model(config)
     # The step the runs of this file use (already compiled).
-    step, _, optimizer = tr.compiled_steps(config, 16)
+    step, _, optimizer = compiled_steps(config, 16)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     x = np.array(train_x[:32])
     x[5] = np.nan
     # Shard and replicate as `train` does, so that the compiled step is reused.
-    mesh = tr.make_mesh()
+    mesh = make_mesh()
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-    model, opt_state = tr.replicate(model, mesh), tr.replicate(opt_state, mesh)
+    model, opt_state = replicate(model, mesh), replicate(opt_state, mesh)
     new_model, new_state, metrics = step(
         model,
         opt_state,
-        tr.put(x, sharding),
-        tr.put(train_y[:32], sharding),
+        put(x, sharding),
+        put(train_y[:32], sharding),
         jax.random.key(0),
     )
     assert not bool(metrics["finite"])
@@ -318,7 +329,7 @@ def test_non_finite_batch_skips_the_update(digits, tmp_path):
     bad_x = np.array(train_x)
     bad_x[17] = np.nan
     result = tr.train(
-        tr.Config(**SMALL), (bad_x, train_y, test_x, test_y), progress=False, log=lambda s: None
+        Config(**SMALL), (bad_x, train_y, test_x, test_y), progress=False, log=lambda s: None
     )
     assert [r["skipped"] for r in result.history] == [1, 1]
     assert all(np.isfinite(np.asarray(p)).all() for p in _params(result.model))
@@ -328,7 +339,7 @@ def test_non_finite_batch_skips_the_update(digits, tmp_path):
 def test_batch_size_must_divide_device_count():
     # Checked before anything is loaded; on one device every size divides, so check the
     # message path with a fake count through the mesh.
-    config = tr.Config(**dict(SMALL, batch_size=3))
+    config = Config(**dict(SMALL, batch_size=3))
     if len(jax.devices()) == 1:
         pytest.skip("needs several devices (covered in the sharded subprocess test)")
     with pytest.raises(ValueError, match="divisible"):
@@ -341,23 +352,28 @@ _SHARDED_SCRIPT = textwrap.dedent(
     import jax, numpy as np, equinox as eqx
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from fixedpoint_deq.mnist import train as tr
+    from fixedpoint_deq.mnist.build import make_model, make_optimizer
+    from fixedpoint_deq.mnist.config import Config
     from fixedpoint_deq.mnist.data import load_mnist
+    from fixedpoint_deq.mnist.inputs import prepare_images
+    from fixedpoint_deq.mnist.sharding import put, replicate
+    from fixedpoint_deq.mnist.steps import make_train_step
 
     assert len(jax.devices()) == 4, jax.devices()
     data = load_mnist(sys.argv[1], verify=False)
-    x = tr.prepare_images(data.train_images[:16])
+    x = prepare_images(data.train_images[:16])
     y = data.train_labels[:16].astype(np.int32)
-    config = tr.Config(width=4, batch_size=16, max_steps=6, backward="implicit",
-                       backward_max_steps=4, seed=1)
-    optimizer = tr.make_optimizer(config, 10)
-    step = tr.make_train_step(config, optimizer)
+    config = Config(width=4, batch_size=16, max_steps=6, backward="implicit",
+                    backward_max_steps=4, seed=1)
+    optimizer = make_optimizer(config, 10)
+    step = make_train_step(config, optimizer)
     out = {}
     for name, devices in (("one", jax.devices()[:1]), ("four", jax.devices())):
         mesh = Mesh(np.array(devices), ("batch",))
-        model = tr.replicate(tr.make_model(config), mesh)
-        opt_state = tr.replicate(optimizer.init(eqx.filter(model, eqx.is_inexact_array)), mesh)
+        model = replicate(make_model(config), mesh)
+        opt_state = replicate(optimizer.init(eqx.filter(model, eqx.is_inexact_array)), mesh)
         sh = NamedSharding(mesh, P("batch"))
-        xs, ys = tr.put(x, sh), tr.put(y, sh)
+        xs, ys = put(x, sh), put(y, sh)
         assert len(xs.sharding.device_set) == len(devices)
         model, opt_state, m = step(model, opt_state, xs, ys, jax.random.key(0))
         leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
@@ -367,7 +383,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
         )
     # The CLI refuses a batch size that the device count does not divide.
     try:
-        tr.train(tr.Config(batch_size=6, data_dir=sys.argv[1]), progress=False)
+        tr.train(Config(batch_size=6, data_dir=sys.argv[1]), progress=False)
         out["refused"] = False
     except ValueError as e:
         out["refused"] = "divisible" in str(e)
@@ -444,6 +460,10 @@ def test_help_lists_every_option():
         "../shared/data/mnist",
     ):
         assert option in text, option
+    # The epilog describes settings, not measurements (those are in docs/benchmarks.md),
+    # and argparse prints it as written: no doubled percent signs.
+    assert "%%" not in text and "docs/benchmarks.md" in text
+    assert "ckpt-XXXX-TOKEN.eqx" in text
 
 
 def test_cli_parses_quick_and_overrides():
@@ -454,30 +474,30 @@ def test_cli_parses_quick_and_overrides():
     assert config.warmup_steps == QUICK["warmup_steps"]
     assert config.solver == "broyden" and progress
     config, _ = config_from_args([])
-    assert config == tr.Config()
+    assert config == Config()
     with pytest.raises(SystemExit):
         config_from_args(["--solver", "newton"])
 
 
 def test_config_builds_every_solver_and_adjoint():
-    for solver in tr.FORWARD_SOLVERS:
-        assert type(tr.make_solver(tr.Config(solver=solver))).__name__.lower() == solver
-    assert isinstance(tr.make_adjoint(tr.Config(backward="jfb")), fp.JacobianFreeAdjoint)
-    assert isinstance(tr.make_adjoint(tr.Config(backward="phantom")), fp.PhantomAdjoint)
-    for s in tr.BACKWARD_SOLVERS:
-        adj = tr.make_adjoint(tr.Config(backward="implicit", backward_solver=s))
+    for solver in FORWARD_SOLVERS:
+        assert type(make_solver(Config(solver=solver))).__name__.lower() == solver
+    assert isinstance(make_adjoint(Config(backward="jfb")), fp.JacobianFreeAdjoint)
+    assert isinstance(make_adjoint(Config(backward="phantom")), fp.PhantomAdjoint)
+    for s in BACKWARD_SOLVERS:
+        adj = make_adjoint(Config(backward="implicit", backward_solver=s))
         assert isinstance(adj, fp.ImplicitAdjoint)
     with pytest.raises(ValueError):
-        tr.Config(resume=True).check()
+        Config(resume=True).check()
     with pytest.raises(ValueError):
-        tr.Config(beta=0).check()
+        Config(beta=0).check()
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch():
-    a = tr.epoch_order(0, 3, 100)
-    np.testing.assert_array_equal(a, tr.epoch_order(0, 3, 100))
-    assert not np.array_equal(a, tr.epoch_order(0, 4, 100))
-    assert not np.array_equal(a, tr.epoch_order(1, 3, 100))
+    a = epoch_order(0, 3, 100)
+    np.testing.assert_array_equal(a, epoch_order(0, 3, 100))
+    assert not np.array_equal(a, epoch_order(0, 4, 100))
+    assert not np.array_equal(a, epoch_order(1, 3, 100))
     assert sorted(a.tolist()) == list(range(100))
 
 
@@ -489,9 +509,9 @@ def test_cli_options_are_the_config_fields():
 
     parser = build_parser()
     options = {a.dest for a in parser._actions if a.option_strings} - {"help"}
-    fields = {f.name for f in dataclasses.fields(tr.Config)}
+    fields = {f.name for f in dataclasses.fields(Config)}
     assert options == fields | {"quick", "no_progress"}
-    for f in dataclasses.fields(tr.Config):
+    for f in dataclasses.fields(Config):
         assert f.metadata["help"], f.name
 
 
@@ -504,12 +524,12 @@ def test_config_refuses_bad_values_naming_them():
         (dict(solver="newton"), "solver"),
     ]:
         with pytest.raises(ValueError, match=f"`{name}`"):
-            tr.Config(**kwargs).check()
-    tr.Config(train_subset=None, lr=np.float32(1e-3)).check()  # pyright: ignore[reportArgumentType]
+            Config(**kwargs).check()
+    Config(train_subset=None, lr=np.float32(1e-3)).check()  # pyright: ignore[reportArgumentType]
 
 
 def test_config_from_a_checkpoint_of_an_earlier_version():
-    config = tr.Config.from_dict({"phantom_damping": 0.25, "width": 4, "unknown": 1})
+    config = Config.from_dict({"phantom_damping": 0.25, "width": 4, "unknown": 1})
     assert config.phantom_beta == 0.25 and config.width == 4
 
 
@@ -522,7 +542,7 @@ def test_cli_numbers_are_checked_by_the_config_rules():
     from fixedpoint_deq.mnist.config import Integer, Real
 
     checked = 0
-    for field in dataclasses.fields(tr.Config):
+    for field in dataclasses.fields(Config):
         rule = field.metadata["rule"]
         if isinstance(field.default, (int, float)) and not isinstance(field.default, bool):
             assert rule is not None, field.name  # no number goes unchecked
@@ -536,7 +556,7 @@ def test_cli_numbers_are_checked_by_the_config_rules():
         for value in bad:
             kwargs: dict[str, Any] = {field.name: value}
             with pytest.raises(ValueError, match=f"`{field.name}`"):
-                tr.Config(**kwargs).check()
+                Config(**kwargs).check()
             with pytest.raises(SystemExit) as info:
                 config_from_args(["--" + field.name.replace("_", "-"), str(value)])
             assert info.value.code == 2
@@ -573,12 +593,12 @@ def test_cli_refuses_invalid_settings_as_usage_errors(argv, option, capsys):
 # --------------------------------------------------------------------------- never lose a model
 
 
-def _saved_checkpoint(directory: Path, epoch: int = 1) -> tr.Config:
+def _saved_checkpoint(directory: Path, epoch: int = 1) -> Config:
     """The checkpoint of an untrained model, written as `train` writes one (no training)."""
-    config = tr.Config(**SMALL, checkpoint_dir=str(directory))
-    model = tr.make_model(config)
-    opt_state = tr.make_optimizer(config, 16).init(eqx.filter(model, eqx.is_inexact_array))
-    tr.save_checkpoint(directory, epoch, model, opt_state, jax.random.key(3), [], config)
+    config = Config(**SMALL, checkpoint_dir=str(directory))
+    model = make_model(config)
+    opt_state = make_optimizer(config, 16).init(eqx.filter(model, eqx.is_inexact_array))
+    save_checkpoint(directory, epoch, model, opt_state, jax.random.key(3), [], config)
     return config
 
 
@@ -594,26 +614,42 @@ def _cli(*args: str) -> list[str]:
     return argv + list(args)
 
 
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """MNIST cannot be found or downloaded: no ``$FIXEDPOINT_MNIST_DIR``, an empty cache
+    in `tmp_path` (not the real one), and every download fails. (A ``--data-dir`` that
+    does not exist is passed over for the cache, which downloads what it lacks.)"""
+
+    def no_network(url: str, **kwargs) -> bytes:
+        raise OSError(f"offline (test): {url}")
+
+    monkeypatch.delenv(mnist_data.ENV_MNIST_DIR, raising=False)
+    monkeypatch.setenv(mnist_data.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.setattr(mnist_data, "fetch_url", no_network)
+
+
+@pytest.mark.usefixtures("offline")
 def test_a_run_refuses_a_directory_holding_a_checkpoint(tmp_path, capsys):
     """Without `--resume` or `--overwrite`, a checkpoint in the way stops the run before
     anything is read or written (the data directory here does not even exist)."""
     from fixedpoint_deq.mnist.__main__ import main
-    from fixedpoint_deq.mnist.data import MNISTDataError
 
     ckpt = tmp_path / "ckpt"
     _saved_checkpoint(ckpt)
     before = _files(ckpt)
     no_data = str(tmp_path / "no-data")
-    config = tr.Config(**SMALL, data_dir=no_data, checkpoint_dir=str(ckpt))
-    with pytest.raises(tr.SetupError, match="(?s)holds the checkpoint.*`resume`.*`overwrite`"):
+    config = Config(**SMALL, data_dir=no_data, checkpoint_dir=str(ckpt))
+    with pytest.raises(SetupError, match="(?s)holds the checkpoint.*`resume`.*`overwrite`"):
         tr.train(config, progress=False)
     assert main(_cli("--data-dir", no_data, "--checkpoint-dir", str(ckpt))) == 2
     err = capsys.readouterr().err
     assert "checkpoint.json" in err and "--resume" in err and "--overwrite" in err
     assert _files(ckpt) == before
-    # With either flag the run goes on (to the data, missing here).
+    # With either flag the run goes on (to the data, missing here and not downloaded).
     for flag in ("resume", "overwrite"):
-        with pytest.raises(MNISTDataError):
+        with pytest.raises(
+            mnist_data.MNISTDataError, match="does not exist, and .*could not be downloaded"
+        ):
             tr.train(dataclasses.replace(config, **{flag: True}), progress=False)
     assert _files(ckpt) == before
 
@@ -630,11 +666,12 @@ def test_overwrite_replaces_the_checkpoint_once_an_epoch_is_saved(tmp_path, digi
         stop_after_epoch=1,
     )
     assert result.epoch == 1
-    meta = json.loads((ckpt / tr.CHECKPOINT_JSON).read_text())
+    meta = json.loads((ckpt / CHECKPOINT_JSON).read_text())
     assert meta["epoch"] == 1 and re.fullmatch(r"ckpt-0001-[0-9a-f]+\.eqx", meta["file"])
-    assert sorted(_files(ckpt)) == [tr.CHECKPOINT_JSON, meta["file"]]
+    assert sorted(_files(ckpt)) == [CHECKPOINT_JSON, meta["file"]]
 
 
+@pytest.mark.usefixtures("offline")
 def test_output_paths_are_checked_before_anything_runs(tmp_path, capsys):
     from fixedpoint_deq.mnist.__main__ import main
 
@@ -646,8 +683,8 @@ def test_output_paths_are_checked_before_anything_runs(tmp_path, capsys):
         ("out_dir", a_file / "out", "cannot create the directory"),
     ]:
         where: dict[str, Any] = {name: str(path)}
-        config = tr.Config(**SMALL, data_dir=no_data, **where)
-        with pytest.raises(tr.SetupError, match=f"`{name}`: .*{what}"):
+        config = Config(**SMALL, data_dir=no_data, **where)
+        with pytest.raises(SetupError, match=f"`{name}`: .*{what}"):
             tr.train(config, progress=False)
         flag = "--" + name.replace("_", "-")
         assert main(_cli("--data-dir", no_data, flag, str(path))) == 2
@@ -655,10 +692,10 @@ def test_output_paths_are_checked_before_anything_runs(tmp_path, capsys):
     if os.geteuid() != 0:  # (root writes whatever the permissions say)
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        with pytest.raises(tr.SetupError, match="cannot write in the directory"):
-            tr.prepare_run(tr.Config(out_dir=str(locked)))
+        with pytest.raises(SetupError, match="cannot write in the directory"):
+            tr.prepare_run(Config(out_dir=str(locked)))
     # Missing directories are created at the start.
-    tr.prepare_run(tr.Config(checkpoint_dir=str(tmp_path / "new" / "ckpt")))
+    tr.prepare_run(Config(checkpoint_dir=str(tmp_path / "new" / "ckpt")))
     assert (tmp_path / "new" / "ckpt").is_dir()
 
 
@@ -676,12 +713,13 @@ def test_output_paths_are_checked_before_anything_runs(tmp_path, capsys):
         ("missing_eqx", r"checkpoint\.json: names ckpt-0001-\w+\.eqx, which is missing"),
     ],
 )
+@pytest.mark.usefixtures("offline")
 def test_a_corrupt_checkpoint_names_the_file_and_the_fault(tmp_path, damage, message, capsys):
     from fixedpoint_deq.mnist.__main__ import main
 
     ckpt = tmp_path / "ckpt"
     config = _saved_checkpoint(ckpt)
-    meta_path = ckpt / tr.CHECKPOINT_JSON
+    meta_path = ckpt / CHECKPOINT_JSON
     meta = json.loads(meta_path.read_text())
     eqx_path = ckpt / meta["file"]
     if damage == "truncated":
@@ -696,12 +734,12 @@ def test_a_corrupt_checkpoint_names_the_file_and_the_fault(tmp_path, damage, mes
         meta_path.write_text(json.dumps(dict(meta, epoch="1")))
     else:
         eqx_path.unlink()
-    with pytest.raises(tr.CheckpointError, match=message):
-        tr.load_model(ckpt)
-    model = tr.make_model(config)
-    opt_state = tr.make_optimizer(config, 16).init(eqx.filter(model, eqx.is_inexact_array))
-    with pytest.raises(tr.CheckpointError, match=message):
-        tr.load_checkpoint(ckpt, model, opt_state, jax.random.key(0))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(ckpt)
+    model = make_model(config)
+    opt_state = make_optimizer(config, 16).init(eqx.filter(model, eqx.is_inexact_array))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(ckpt, model, opt_state, jax.random.key(0))
     if damage in ("bad_json", "missing_key", "wrong_type", "missing_eqx"):
         # Found when the run starts (before the data are read): exit status 1.
         no_data = str(tmp_path / "no-data")
@@ -715,15 +753,15 @@ def test_a_checkpoint_holds_arrays_only_so_new_solver_options_keep_it_readable(t
     # gains an option does not shift the leaves of every existing checkpoint.
     ckpt = tmp_path / "ckpt"
     config = _saved_checkpoint(ckpt)
-    model = tr.make_model(config)
-    opt_state = tr.make_optimizer(config, 16).init(eqx.filter(model, eqx.is_inexact_array))
+    model = make_model(config)
+    opt_state = make_optimizer(config, 16).init(eqx.filter(model, eqx.is_inexact_array))
 
     class WithNewOption(eqx.Module):  # the forward solver, with one more Python field
         solver: Any
         new_option: bool = True
 
     changed = eqx.tree_at(lambda m: m.deq.solver, model, WithNewOption(model.deq.solver))
-    loaded = tr.load_checkpoint(ckpt, changed, opt_state, jax.random.key(0))
+    loaded = load_checkpoint(ckpt, changed, opt_state, jax.random.key(0))
     assert loaded is not None
     _, got, *_ = loaded
     assert got.deq.solver.new_option is True  # (not in the file: the like's value)
@@ -734,8 +772,8 @@ def test_a_checkpoint_holds_arrays_only_so_new_solver_options_keep_it_readable(t
         np.testing.assert_array_equal(a, b)
     # An extra array leaf is still refused.
     grown = eqx.tree_at(lambda m: m.deq.solver, model, WithNewOption(jnp.zeros(3)))
-    with pytest.raises(tr.CheckpointError, match="not a checkpoint of this model"):
-        tr.load_checkpoint(ckpt, grown, opt_state, jax.random.key(0))
+    with pytest.raises(CheckpointError, match="not a checkpoint of this model"):
+        load_checkpoint(ckpt, grown, opt_state, jax.random.key(0))
 
 
 def test_saved_files_follow_the_umask(tmp_path):
@@ -744,11 +782,11 @@ def test_saved_files_follow_the_umask(tmp_path):
         old = os.umask(umask)
         try:
             _saved_checkpoint(ckpt)
-            tr.write_metrics(out, [])
+            write_metrics(out, [])
         finally:
             os.umask(old)
-        eqx_file = ckpt / json.loads((ckpt / tr.CHECKPOINT_JSON).read_text())["file"]
-        for path in (ckpt / tr.CHECKPOINT_JSON, eqx_file, out / tr.METRICS_FILE):
+        eqx_file = ckpt / json.loads((ckpt / CHECKPOINT_JSON).read_text())["file"]
+        for path in (ckpt / CHECKPOINT_JSON, eqx_file, out / METRICS_FILE):
             assert stat.S_IMODE(path.stat().st_mode) == mode, (path, oct(path.stat().st_mode))
 
 
@@ -765,10 +803,10 @@ def test_leftover_temporaries_are_removed_when_a_run_starts(tmp_path):
     others = [ckpt / "notes.txt", ckpt / ".editor.tmp", out / "other.tmp"]
     for path in leftovers + others:
         path.write_text("x")
-    tr.prepare_run(tr.Config(checkpoint_dir=str(ckpt), out_dir=str(out), resume=True))
+    tr.prepare_run(Config(checkpoint_dir=str(ckpt), out_dir=str(out), resume=True))
     assert [p for p in leftovers if p.exists()] == []
     assert all(p.exists() for p in others)
-    assert (ckpt / json.loads((ckpt / tr.CHECKPOINT_JSON).read_text())["file"]).exists()
+    assert (ckpt / json.loads((ckpt / CHECKPOINT_JSON).read_text())["file"]).exists()
 
 
 def test_an_update_that_is_not_finite_is_skipped(tmp_path):
@@ -796,11 +834,11 @@ def test_an_update_that_is_not_finite_is_skipped(tmp_path):
         expected = params["w"] - 0.5 * grads["w"] if applied else params["w"]
         np.testing.assert_array_equal(new["w"], expected)
         assert all(np.isfinite(np.asarray(x)).all() for x in jtu.tree_leaves(new_state))
-    config = tr.Config(**SMALL)
-    model = tr.make_model(config)
+    config = Config(**SMALL)
+    model = make_model(config)
     bad = jtu.tree_map(lambda x: x * jnp.nan if eqx.is_inexact_array(x) else x, model)
     with pytest.raises(ValueError, match="non-finite"):
-        tr.save_checkpoint(tmp_path, 1, bad, {}, jax.random.key(0), [], config)
+        save_checkpoint(tmp_path, 1, bad, {}, jax.random.key(0), [], config)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -834,7 +872,7 @@ def test_toolkit_run_logs_every_piece_and_resumes_exactly(digits, tmp_path):
     train_x, train_y, test_x, test_y = digits
     data = (train_x[:128], train_y[:128], test_x[:64], test_y[:64])
     straight = tr.train(
-        tr.Config(**TOOLKIT, checkpoint_dir=str(tmp_path / "a")),
+        Config(**TOOLKIT, checkpoint_dir=str(tmp_path / "a")),
         data,
         progress=False,
         log=lambda s: None,
@@ -848,16 +886,23 @@ def test_toolkit_run_logs_every_piece_and_resumes_exactly(digits, tmp_path):
     # The power iteration is advanced by the training steps and kept in the model.
     conv = straight.model.deq.cell.conv
     assert isinstance(conv, fd.NormalisedLayer)
-    fresh = tr.make_model(tr.Config(**TOOLKIT)).deq.cell.conv
+    fresh = make_model(Config(**TOOLKIT)).deq.cell.conv
     assert not np.allclose(np.asarray(conv.u), np.asarray(fresh.u))
     sigma = np.linalg.norm(np.asarray(conv.weight).reshape(4, -1), 2)
     assert sigma <= 0.9 * 1.05
     # Resuming after epoch 1 gives the same weights, vectors and warm-start cache.
     ckpt = tmp_path / "b"
     base = dict(TOOLKIT, checkpoint_dir=str(ckpt))
-    tr.train(tr.Config(**base), data, progress=False, log=lambda s: None, stop_after_epoch=1)
+    tr.train(Config(**base), data, progress=False, log=lambda s: None, stop_after_epoch=1)
     assert sorted(p.name for p in ckpt.glob("fixed-points-*")) == ["fixed-points-0001.npz"]
-    resumed = tr.train(tr.Config(**base, resume=True), data, progress=False, log=lambda s: None)
+    (ckpt / "fixed-points-0009.npz").write_bytes(b"a copy")  # (not the run's: kept)
+    resumed = tr.train(Config(**base, resume=True), data, progress=False, log=lambda s: None)
+    # The resumed checkpoint's cache is replaced with it; the copy is left alone.
+    assert sorted(p.name for p in ckpt.glob("fixed-points-*")) == [
+        "fixed-points-0002.npz",
+        "fixed-points-0009.npz",
+    ]
+    assert [p.name for p in (tmp_path / "a").glob("fixed-points-*")] == ["fixed-points-0002.npz"]
     for a, b in zip(_params(straight.model), _params(resumed.model), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
     assert resumed.history[1]["warm_start_rate"] == 1.0
@@ -865,7 +910,7 @@ def test_toolkit_run_logs_every_piece_and_resumes_exactly(digits, tmp_path):
     cached = [np.load(d / "fixed-points-0002.npz")["states"] for d in (tmp_path / "a", ckpt)]
     np.testing.assert_allclose(cached[0], cached[1], rtol=1e-5, atol=1e-6)
     # The trained model loads back from its checkpoint, normalised as it was trained.
-    model, config, epoch = tr.load_model(ckpt)
+    model, config, epoch = load_model(ckpt)
     assert epoch == 2 and config.norm == "spectral"
     for a, b in zip(_params(model), _params(resumed.model), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
@@ -881,36 +926,36 @@ def test_config_refuses_bad_toolkit_values_naming_them():
         (dict(reuse_fixed_points=True, distributed=True), "reuse_fixed_points"),
     ]:
         with pytest.raises(ValueError, match=f"`{name}`"):
-            tr.Config(**kwargs).check()
-    assert tr.Config(correction_states=2, max_steps=30).correction_steps() == (10, 20)
-    assert tr.Config().correction_steps() == ()
+            Config(**kwargs).check()
+    assert Config(correction_states=2, max_steps=30).correction_steps() == (10, 20)
+    assert Config().correction_steps() == ()
 
 
 # --------------------------------------------------------------------------- the recipe
 
 
 def test_stride_two_stem_halves_the_state_and_pool7_reads_it():
-    config = tr.Config(width=8, stem_stride=2, stem_width=4, head="pool7")
+    config = Config(width=8, stem_stride=2, stem_width=4, head="pool7")
     config.check()
-    model = tr.make_model(config)
+    model = make_model(config)
     image = jnp.zeros((1, 28, 28))
     assert model.inject(image).shape == (14, 14, 8)
     assert model.state_side == 14
     logits, record = model(image)
     assert logits.shape == (10,) and model.head.in_features == 8 * 49
     assert int(record.num_steps) >= 1
-    flat = tr.make_model(tr.Config(width=8, stem_stride=1, head="pool7"))
+    flat = make_model(Config(width=8, stem_stride=1, head="pool7"))
     assert flat.inject(image).shape == (28, 28, 8) and flat.down is None
     # A grid that does not divide the state is refused, naming the setting.
     with pytest.raises(ValueError, match="`head`"):
-        tr.Config(stem_stride=2, head="pool4").check()
+        Config(stem_stride=2, head="pool4").check()
     with pytest.raises(ValueError, match="`groups`"):
-        tr.Config(stem_stride=2, head="pool7", width=8, groups=4, stem_width=6).check()
+        Config(stem_stride=2, head="pool7", width=8, groups=4, stem_width=6).check()
 
 
 def test_checkpoints_of_earlier_versions_keep_their_28x28_state():
     """A saved configuration without the stem settings was trained without a stem."""
-    config = tr.Config.from_dict({"width": 12, "head": "pool4"})
+    config = Config.from_dict({"width": 12, "head": "pool4"})
     assert config.stem_stride == 1
     config.check()
 
@@ -919,7 +964,7 @@ def test_unrolled_backward_is_backpropagation_through_the_steps():
     """``--backward unrolled`` with Neumann at tolerance 0 is the weight-tied K-layer
     network: its gradient is that of the explicit composition of K cell evaluations."""
     k = 3
-    config = tr.Config(
+    config = Config(
         width=4,
         stem_width=4,
         backward="unrolled",
@@ -929,7 +974,7 @@ def test_unrolled_backward_is_backpropagation_through_the_steps():
         jac_reg=0.0,
     )
     config.check()
-    model = tr.make_model(config)
+    model = make_model(config)
     image = jax.random.normal(jax.random.key(0), (1, 28, 28))
 
     def deq_loss(m):
@@ -950,8 +995,8 @@ def test_unrolled_backward_is_backpropagation_through_the_steps():
     assert float(jnp.linalg.norm(b)) > 0
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(b))))
     # The training step reports the unrolled steps as its backward steps.
-    optimizer = tr.make_optimizer(config, 10)
-    step = tr.make_train_step(config, optimizer)
+    optimizer = make_optimizer(config, 10)
+    step = make_train_step(config, optimizer)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     images = jnp.stack([image, -image])
     _, _, m = step(model, opt_state, images, jnp.array([1, 2]), jax.random.key(1))
@@ -996,7 +1041,7 @@ def _run_cli(args: list[str], out: Path, timeout: float) -> list[dict]:
         timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(s) for s in (out / tr.METRICS_FILE).read_text().splitlines()]
+    return [json.loads(s) for s in (out / METRICS_FILE).read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -1007,7 +1052,7 @@ def test_default_recipe_reaches_99_4_percent(tmp_path):
     training, every test-set forward solve converged."""
     history = _run_cli([], tmp_path, timeout=2 * 3600)
     last = history[-1]
-    assert last["epoch"] == tr.Config().epochs
+    assert last["epoch"] == Config().epochs
     assert last["test_acc"] >= 0.994, last
     assert last["fwd_steps"] <= 8.0, last
     assert last["test_fwd_converged"] == 1.0, last

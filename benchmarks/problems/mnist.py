@@ -126,24 +126,27 @@ def mnist_deq_cell(
     import jax
     import jax.numpy as jnp
 
-    from fixedpoint_deq.mnist import train as mnist_train
+    from fixedpoint_deq.mnist.build import make_model
+    from fixedpoint_deq.mnist.checkpoint import CHECKPOINT_JSON, load_model
+    from fixedpoint_deq.mnist.config import Config
     from fixedpoint_deq.mnist.data import load_mnist, MNISTDataError
+    from fixedpoint_deq.mnist.inputs import prepare_images
 
     if weights == "random":
-        config = mnist_train.Config(width=width, seed=seed)
+        config = Config(width=width, seed=seed)
         with jax.enable_x64(False):  # the float32 initialisation training starts from
-            model = mnist_train.make_model(config)
+            model = make_model(config)
         where = f"initialisation (seed {seed})"
     else:
         path = _mnist_checkpoint(checkpoint)
         try:
-            model, config, epoch = mnist_train.load_model(path)
+            model, config, epoch = load_model(path)
         except FileNotFoundError as e:
             raise Unavailable(
                 f"{e}; or set ${ENV_MNIST_CHECKPOINT} to a checkpoint directory"
             ) from None
         accuracy = ""
-        history = json.loads((path / mnist_train.CHECKPOINT_JSON).read_text())["history"]
+        history = json.loads((path / CHECKPOINT_JSON).read_text())["history"]
         if history:
             accuracy = f", test accuracy {100 * history[-1]['test_acc']:.2f}%"
         where = f"checkpoint {path} (epoch {epoch}{accuracy})"
@@ -151,7 +154,7 @@ def mnist_deq_cell(
         data = load_mnist(mnist_data_dir(), download=False, verify=False)
     except MNISTDataError as e:
         raise Unavailable(f"MNIST digits not found: {e}") from None
-    images = mnist_train.prepare_images(data.test_images[:batch])
+    images = prepare_images(data.test_images[:batch])
     with jax.enable_x64(True):
         model64 = jax.tree_util.tree_map(
             lambda a: jnp.asarray(a, jnp.float64) if eqx.is_inexact_array(a) else a, model

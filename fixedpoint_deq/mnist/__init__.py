@@ -6,10 +6,10 @@
 - `build`: the model, its solvers and the optimiser, from a `Config`.
 - `inputs`, `steps`, `sharding`, `checkpoint`, `metrics`: the input pipeline, the jitted
   steps, data parallelism, checkpoints (and `load_model`), metrics files and plots.
-- `train`: the training loop (`train`), data-parallel and resumable; every piece above
-  is importable from it too.
-- `load_model(directory)`: a trained model from its checkpoint (also
-  `fixedpoint_deq.mnist.train.load_model`).
+- `train`: the training loop (`train`), data-parallel and resumable, and the errors of
+  a run.
+- `load_model(directory)`: a trained model from its checkpoint
+  (`fixedpoint_deq.mnist.checkpoint.load_model`).
 - ``python -m fixedpoint_deq.mnist`` / ``fixedpoint-mnist``: the command line
   (``--help`` lists every option; ``--quick`` for a short run).
 """

@@ -10,7 +10,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from .config import Config, GROUPS
+from .config import Config, GROUPS, SetupError
 
 
 #: What `--quick` sets (each can still be overridden by giving the option explicitly).
@@ -20,19 +20,20 @@ _EPILOG = """\
 data:
   The four MNIST IDX files (gzip-compressed or not) are looked up in --data-dir, else in
   $FIXEDPOINT_MNIST_DIR, else in the cache (~/.cache/fixedpoint/mnist, downloaded there
-  if missing). In this repository's CI the data lives one level up:
+  if missing). A --data-dir or $FIXEDPOINT_MNIST_DIR that does not exist is passed over
+  (a line on the console says so); one that exists must hold all four files.
+  For example:
       fixedpoint-mnist --data-dir ../shared/data/mnist
 
 presets:
   --quick   = --epochs 1 --augment-shift 0 --warmup-steps 100 (all 60000 training
-              digits, full test set). Measured on a 2-core CPU: 99.07%% test accuracy
-              in 5.1 min (training + the test pass); forward 6.9 steps/sample, backward 5.
+              digits, full test set).
   default   = 10 epochs over the 60000 training digits, shifts of up to 2 pixels, a
               stride-2 stem to a 14x14 state of width 48, Anderson (m=5) forward at
               tolerance 1e-2, phantom backward (5 steps, beta 0.5), Jacobian
               regularisation 0.5, 7x7-pooled linear head, AdamW 5e-3 with warmup +
-              cosine decay. Measured on a 2-core CPU: 99.48%% test accuracy in 47.8 min
-              (4-5.5 min per epoch); forward 6.6 steps/sample at the end of training.
+              cosine decay.
+  What each reaches (test accuracy, solver steps, time): docs/benchmarks.md.
 
 examples:
   fixedpoint-mnist --data-dir ../shared/data/mnist --quick --out-dir runs/quick
@@ -45,11 +46,15 @@ examples:
 outputs:
   --out-dir DIR: metrics.jsonl (one JSON object per epoch: epoch, train_loss, train_acc,
   test_loss, test_acc, fwd_steps, bwd_steps, fwd_converged, test_fwd_steps, jac_reg,
-  skipped, train_time, wall_time) and metrics.png (accuracy, loss, solver steps).
-  --checkpoint-dir DIR: checkpoint.json + ckpt-XXXX.eqx, rewritten atomically every epoch
-  (with the user's umask). A directory that already holds a checkpoint is refused unless
-  --resume (continue it) or --overwrite (replace it) is given. Both directories are
-  created, and checked to be writable, before training starts.
+  skipped, train_time, wall_time, and the training curve) and metrics.png (accuracy,
+  loss, solver steps).
+  --checkpoint-dir DIR: checkpoint.json + ckpt-XXXX-TOKEN.eqx (XXXX the epoch, TOKEN
+  random: each save writes a new file, then removes the one the checkpoint it replaced
+  named; with --reuse-fixed-points also fixed-points-XXXX.npz), rewritten atomically
+  every epoch (with the user's umask). A directory that already holds a checkpoint is
+  refused unless --resume (continue it) or --overwrite (replace it) is given. Both
+  directories are created, and checked to be writable, before training starts; while a
+  run owns them, each holds its lock file, .fixedpoint-mnist.lock.
 
 exit status:
   0 done; 1 the data or a checkpoint could not be read, a checkpoint or metrics.jsonl
@@ -168,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from .checkpoint import CheckpointError
         from .data import MNISTDataError
-        from .train import DirectoryInUseError, SetupError, train, TrainingInterrupted, WriteError
+        from .train import DirectoryInUseError, train, TrainingInterrupted, WriteError
     except KeyboardInterrupt:  # (importing JAX takes a while)
         print("fixedpoint-mnist: interrupted before training began; nothing saved", file=sys.stderr)
         return 130

@@ -66,6 +66,17 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
     return (Path(directory) / CHECKPOINT_JSON).exists()
 
 
+def checkpoint_epoch(directory: str | os.PathLike) -> int | None:
+    """The epoch of the checkpoint in `directory` (as its ``checkpoint.json`` says), or
+    None if there is none or its JSON cannot be read (nothing else is checked: see
+    `read_meta`)."""
+    try:
+        epoch = json.loads((Path(directory) / CHECKPOINT_JSON).read_text())["epoch"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+
+
 def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
     """Remove the temporary files an interrupted save left in `directory`."""
     return _remove_temporaries(Path(directory), CHECKPOINT_FILES)

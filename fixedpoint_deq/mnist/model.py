@@ -178,7 +178,7 @@ class DEQClassifier(eqx.Module):
     ``GroupNorm(GELU(Conv(1 -> C)))`` and the state is ``(28, 28, C)``.
 
     The defaults are the model that ``python -m fixedpoint_deq.mnist`` trains by default
-    (`fixedpoint_deq.mnist.train.Config`): width 48, a stride-2 stem of width 16, a
+    (`fixedpoint_deq.mnist.config.Config`): width 48, a stride-2 stem of width 16, a
     7x7-pooled head, at most 30 forward steps."""
 
     project: eqx.nn.Conv2d

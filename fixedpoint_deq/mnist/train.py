@@ -2,9 +2,13 @@
 
 - `train(config)`: the whole run; returns a `Result` (model, optimiser state, history).
 - `evaluate`: test loss, accuracy and forward statistics of a model.
+- `prepare_run`: what `train` does to the run's directories before it reads any data.
+- The errors of a run: `DirectoryInUseError`, `WriteError` and `TrainingInterrupted`
+  (importable from here), `SetupError` (`fixedpoint_deq.mnist.config`),
+  `CheckpointError` (`fixedpoint_deq.mnist.checkpoint`) and `MNISTDataError`
+  (`fixedpoint_deq.mnist.data`).
 
-The pieces live in modules by concern, and are all importable from here too (for tests,
-notebooks and older code):
+The pieces of a run live in modules by concern; import them from there:
 
 - `config`: `Config`, every setting (the command line is derived from its fields);
 - `build`: `make_solver`, `make_adjoint`, `make_model`, `make_optimizer`;
@@ -12,7 +16,8 @@ notebooks and older code):
 - `steps`: `make_train_step`, `make_eval_step`, `compiled_steps`;
 - `sharding`: `make_mesh`, `put`, `replicate`;
 - `checkpoint`: `save_checkpoint`, `load_checkpoint`, `load_model`;
-- `metrics`: `write_metrics`, `plot_metrics`.
+- `metrics`: `write_metrics`, `plot_metrics`;
+- `warm`: the warm starts of ``reuse_fixed_points``.
 
 **Determinism and resuming.** Every random choice is a function of `(seed, epoch)` or
 `(seed, epoch, step)`, never of an RNG stream consumed since the start: the order of the
@@ -53,6 +58,7 @@ a warning. Ctrl-C (SIGINT) stops the run between two steps, never inside a save:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -60,13 +66,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+import optax
+from jax.sharding import Mesh, NamedSharding
 
 from .._monitor import JacobianRegSchedule
 from ._files import (
@@ -78,68 +85,32 @@ from ._files import (
     remove_temporaries,
     WriteError,
 )
-from .build import make_adjoint, make_model, make_optimizer, make_solver
+from .build import make_model
 from .checkpoint import (
+    checkpoint_epoch,
     CHECKPOINT_JSON,
-    CheckpointError,
     has_checkpoint,
     load_checkpoint,
-    load_model,
     read_meta,
     remove_leftovers,
     save_checkpoint,
 )
-from .config import (
-    BACKWARD_MODES,
-    BACKWARD_SOLVERS,
-    Config,
-    FORWARD_SOLVERS,
-    RESUME_KEYS,
-    SetupError,
-)
+from .config import Config, RESUME_KEYS, SetupError
 from .inputs import epoch_order, load_data, prepare_images, step_key
-from .metrics import METRICS_FILE, PLOT_FILE, plot_metrics, write_metrics
+from .metrics import METRICS_FILE, PLOT_FILE, write_metrics
 from .sharding import batch_sharding, make_mesh, put, replicate, scalars
-from .steps import compiled_steps, make_eval_step, make_train_step
+from .steps import compiled_steps
 from .warm import WarmStarts
 
 
 __all__ = [
-    "BACKWARD_MODES",
-    "BACKWARD_SOLVERS",
-    "CHECKPOINT_JSON",
-    "CheckpointError",
-    "Config",
     "DirectoryInUseError",
-    "FORWARD_SOLVERS",
-    "METRICS_FILE",
-    "PLOT_FILE",
     "Result",
-    "SetupError",
-    "compiled_steps",
-    "epoch_order",
-    "evaluate",
-    "load_checkpoint",
-    "load_data",
-    "load_model",
-    "make_adjoint",
-    "make_eval_step",
-    "make_mesh",
-    "make_model",
-    "make_optimizer",
-    "make_solver",
-    "make_train_step",
-    "plot_metrics",
-    "prepare_images",
-    "prepare_run",
-    "put",
-    "replicate",
-    "save_checkpoint",
-    "step_key",
-    "train",
     "TrainingInterrupted",
-    "write_metrics",
     "WriteError",
+    "evaluate",
+    "prepare_run",
+    "train",
 ]
 
 
@@ -168,58 +139,464 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.saved_epoch = saved_epoch
 
 
-class _Interrupts:
-    """While entered (in the main thread): Ctrl-C sets `requested`, which the training
-    loop checks between steps, instead of raising `KeyboardInterrupt` wherever the
-    interpreter happens to be (inside a save, or inside a callback of JAX's garbage
-    collector, which would swallow it). A second Ctrl-C raises at once. The previous
-    handler is restored on exit; an ignored SIGINT stays ignored."""
+def train(
+    config: Config,
+    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    stop_after_epoch: int | None = None,
+) -> Result:
+    """Run (or resume) a training run.
+
+    **Arguments:**
+
+    - `config`: the run's settings.
+    - `data`: ``(train_images, train_labels, test_images, test_labels)`` as returned by
+      `load_data` (default: `load_data(config)`); images go through `prepare_images`
+      unless already float32 ``(N, 1, 28, 28)``.
+    - `progress`: show progress bars.
+    - `log`: called with each line of the log.
+    - `stop_after_epoch`: stop once that epoch is done (to simulate an interruption; the
+      schedule still spans `config.epochs`).
+
+    The run holds its directories for its whole life (`prepare_run`).
+
+    **Raises:** `ValueError` for invalid settings (`Config.check`), a batch size that is
+    not a multiple of the number of devices, or a training set smaller than one batch;
+    `SetupError`, `DirectoryInUseError`, `CheckpointError` before anything is read (see
+    `prepare_run`); `MNISTDataError` if the data cannot be read; `WriteError` if a
+    checkpoint or ``metrics.jsonl`` cannot be written (the message names the file, the
+    fault and the last good checkpoint); `TrainingInterrupted` on Ctrl-C.
+    """
+    config.check()
+    is_main = _start_processes(config)
+    with prepare_run(config, main=is_main), _Interrupts() as interrupts:
+        try:
+            mesh = _mesh_for(config)
+            data = _prepare_data(config, data)
+            steps_per_epoch = _steps_per_epoch(config, len(data.train_x))
+            train_step, eval_step, optimizer = compiled_steps(
+                config, steps_per_epoch * config.epochs
+            )
+            loop = _Loop(config, mesh, data, train_step, steps_per_epoch, progress and is_main, log)
+            state = _initial_state(config, optimizer, len(data.train_x), mesh, log)
+            interrupts.saved_epoch = state.saved_epoch
+            last_epoch = config.epochs if stop_after_epoch is None else stop_after_epoch
+            for epoch in range(state.start_epoch, min(config.epochs, last_epoch) + 1):
+                start = time.perf_counter()
+                record = _train_epoch(loop, state, epoch, interrupts)
+                train_time = time.perf_counter() - start
+                record.update(
+                    evaluate(
+                        state.model,
+                        data.test_x,
+                        data.test_y,
+                        batch_size=config.eval_batch_size,
+                        mesh=mesh,
+                        eval_step=eval_step,
+                    )
+                )
+                record.update(train_time=train_time, wall_time=time.perf_counter() - start)
+                state.history.append(record)
+                if is_main:
+                    log(_summary(record))
+                    _save(config, state, epoch, interrupts, log)
+                interrupts.epoch, interrupts.steps_done = epoch, steps_per_epoch
+                if interrupts.requested:
+                    raise interrupts.stop(config, steps_per_epoch)
+            return state.result()
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:  # (a second Ctrl-C: at once, wherever it landed)
+            raise interrupts.stop(config, None) from None
+
+
+# --------------------------------------------------------------------------- the steps of `train`
+
+
+def _start_processes(config: Config) -> bool:
+    """Join the other processes of a multi-host run (``distributed``: calls
+    `jax.distributed.initialize`). Returns whether this process is the main one (the
+    first), which alone writes the run's files."""
+    if not config.distributed:
+        return True
+    jax.distributed.initialize()
+    return jax.process_index() == 0
+
+
+def _mesh_for(config: Config) -> Mesh:
+    """The mesh over all devices (`make_mesh`).
+
+    **Raises:** `ValueError` if the batch size is not a multiple of the number of
+    devices."""
+    mesh = make_mesh()
+    ndev = mesh.devices.size
+    if config.batch_size % ndev:
+        raise ValueError(
+            f"The batch size ({config.batch_size}) must be divisible by the number of devices "
+            f"({ndev}: {jax.devices()[0].platform}); pick a multiple of {ndev}."
+        )
+    return mesh
+
+
+class _Data(NamedTuple):
+    """The data of a run: normalised float32 images ``(N, 1, 28, 28)``, int32 labels."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def _prepare_data(
+    config: Config, data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None
+) -> _Data:
+    """The data of the run: `data` as given to `train` (``(N, 28, 28)`` images are
+    normalised by `prepare_images`), or `load_data(config)` if it is None."""
+    if data is None:
+        data = load_data(config)
+    train_x, train_y, test_x, test_y = data
+    if train_x.ndim == 3:
+        train_x = prepare_images(train_x)
+    if test_x.ndim == 3:
+        test_x = prepare_images(test_x)
+    return _Data(train_x, np.asarray(train_y, np.int32), test_x, np.asarray(test_y, np.int32))
+
+
+def _steps_per_epoch(config: Config, n: int) -> int:
+    """The number of steps per epoch over `n` training digits (the last partial batch
+    is dropped).
+
+    **Raises:** `ValueError` if the training set is smaller than one batch."""
+    steps = n // config.batch_size
+    if steps == 0:
+        raise ValueError(f"The training set ({n}) is smaller than one batch ({config.batch_size}).")
+    return steps
+
+
+@dataclasses.dataclass(frozen=True)
+class _Loop:
+    """What stays fixed over the epochs of a run: its settings, mesh and data, the
+    jitted training step, the number of steps per epoch, whether to show progress bars,
+    and the log."""
+
+    config: Config
+    mesh: Mesh
+    data: _Data
+    train_step: Callable
+    steps_per_epoch: int
+    progress: bool
+    log: Callable[[str], None]
+
+    @functools.cached_property
+    def sharding(self) -> NamedSharding:
+        """How a batch is split over the mesh."""
+        return batch_sharding(self.mesh)
+
+    @functools.cached_property
+    def schedule(self) -> JacobianRegSchedule:
+        """On which steps the Jacobian regulariser is computed."""
+        return JacobianRegSchedule(self.config.jac_reg, every=self.config.jac_reg_every)
+
+
+@dataclasses.dataclass
+class _State:
+    """What the epochs of a run change: the (replicated) model and optimiser state, the
+    base key, the metrics of every epoch, the first epoch to train, the epoch of the
+    checkpoint this run wrote or resumed (None if none), and the warm starts (None
+    without ``reuse_fixed_points``)."""
+
+    model: Any
+    opt_state: Any
+    base_key: jax.Array
+    history: list[dict]
+    start_epoch: int
+    saved_epoch: int | None
+    warm: WarmStarts | None
+
+    def result(self) -> Result:
+        """What `train` returns."""
+        last = self.history[-1]["epoch"] if self.history else self.start_epoch - 1
+        return Result(model=self.model, opt_state=self.opt_state, history=self.history, epoch=last)
+
+
+def _initial_state(
+    config: Config,
+    optimizer: optax.GradientTransformation,
+    n: int,
+    mesh: Mesh,
+    log: Callable[[str], None],
+) -> _State:
+    """A new model and optimiser state, or (``resume``) those of the checkpoint in
+    `checkpoint_dir`, replicated over `mesh`.
+
+    **Arguments:**
+
+    - `config`: the run's settings.
+    - `optimizer`: the run's optimiser (`compiled_steps`).
+    - `n`: the number of training digits (for the warm starts).
+    - `mesh`: the devices.
+    - `log`: called with each line of the log.
+
+    **Raises:** `CheckpointError` for a checkpoint that cannot be read or was written
+    with other `RESUME_KEYS` settings."""
+    model = make_model(config)
+    state = _State(
+        model=model,
+        opt_state=optimizer.init(eqx.filter(model, eqx.is_inexact_array)),
+        base_key=jax.random.key(config.seed),
+        history=[],
+        start_epoch=1,
+        saved_epoch=None,
+        warm=WarmStarts(n, config.width, model.state_side) if config.reuse_fixed_points else None,
+    )
+    if config.resume:
+        _resume(config, state, log)
+    state.model = replicate(state.model, mesh)
+    state.opt_state = replicate(state.opt_state, mesh)
+    return state
+
+
+def _resume(config: Config, state: _State, log: Callable[[str], None]) -> None:
+    """Replace the model, optimiser state, key, history and warm starts of `state` by
+    those of the checkpoint in `checkpoint_dir`; with no checkpoint there, start from
+    scratch (and say so)."""
+    assert config.checkpoint_dir is not None  # Config.check: `resume` needs one
+    loaded = load_checkpoint(
+        config.checkpoint_dir,
+        state.model,
+        state.opt_state,
+        state.base_key,
+        functools.partial(_check_resumable, config),
+    )
+    if loaded is None:
+        log(f"no checkpoint in {config.checkpoint_dir}: starting from scratch")
+        return
+    epoch, state.model, state.opt_state, state.base_key, state.history, _ = loaded
+    state.start_epoch = epoch + 1
+    state.saved_epoch = epoch
+    log(f"resumed from {config.checkpoint_dir} after epoch {epoch}")
+    if state.warm is not None:
+        state.warm.load(config.checkpoint_dir, epoch, log)
+
+
+def _check_resumable(config: Config, saved: dict) -> None:
+    """Refuse (`ValueError`) a checkpoint whose saved configuration `saved` differs from
+    `config` in a setting that a resumed run must share (`RESUME_KEYS`)."""
+    for k in RESUME_KEYS:
+        if saved.get(k) != getattr(config, k):
+            raise ValueError(
+                f"Cannot resume: the checkpoint was written with {k}={saved.get(k)!r}, "
+                f"this run has {k}={getattr(config, k)!r}."
+            )
+
+
+def _train_epoch(loop: _Loop, state: _State, epoch: int, interrupts: _Interrupts) -> dict:
+    """Train `epoch`: one step per batch, in the order `epoch_order` gives, with a
+    progress bar if `loop.progress`; a step that is not finite is skipped (and logged).
+    Before each step, a Ctrl-C since the last one stops the run (`TrainingInterrupted`).
+
+    Returns the training part of the epoch's record: the means over the applied steps,
+    the count of skipped ones, the training curve, and the warm-start rate (with
+    ``reuse_fixed_points``)."""
+    config, steps = loop.config, loop.steps_per_epoch
+    order = epoch_order(config.seed, epoch, len(loop.data.train_x))
+    sums = _EpochSums()
+    curve_every = max(1, steps // CURVE_POINTS)  # (about CURVE_POINTS points per epoch)
+    bar = None
+    if loop.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", leave=True)
+    for s in range(steps):
+        interrupts.epoch, interrupts.steps_done = epoch, s
+        if interrupts.requested:
+            if bar is not None:
+                bar.close()
+            raise interrupts.stop(config, steps)
+        indices = order[s * config.batch_size : (s + 1) * config.batch_size]
+        reg_on = bool(loop.schedule.active((epoch - 1) * steps + s))  # (a Python bool)
+        metrics = _step(loop, state, indices, reg_on, step_key(state.base_key, epoch, s))
+        if metrics["finite"] > 0.5:
+            sums.add(metrics, reg_on)
+        else:
+            sums.skipped += 1
+            loop.log(f"epoch {epoch} step {s}: non-finite loss, gradient or update: skipped")
+        if (s + 1) % curve_every == 0 or s + 1 == steps:
+            sums.end_window(examples=((epoch - 1) * steps + s + 1) * config.batch_size)
+        if bar is not None:
+            bar.set_postfix(
+                loss=f"{sums.mean('loss'):.4f}",
+                acc=f"{sums.mean('acc'):.4f}",
+                fwd=f"{sums.mean('fwd_steps'):.1f}",
+                bwd=f"{sums.mean('bwd_steps'):.1f}",
+                refresh=False,
+            )
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    record = sums.record(epoch, examples=epoch * steps * config.batch_size)
+    if state.warm is not None:
+        record["warm_start_rate"] = state.warm.take_hit_rate()
+    return record
+
+
+def _step(
+    loop: _Loop, state: _State, indices: np.ndarray, reg_on: bool, key: jax.Array
+) -> dict[str, float]:
+    """One training step on the digits `indices` (the model and optimiser state of
+    `state` are updated in place; a step that is not finite leaves them as they were).
+
+    **Arguments:**
+
+    - `loop`, `state`: the run.
+    - `indices`: the batch, as indices into the training set.
+    - `reg_on`: whether the Jacobian regulariser is computed on this step.
+    - `key`: the step's key (`step_key`).
+
+    Returns the step's metrics as floats."""
+    x = put(loop.data.train_x[indices], loop.sharding)
+    y = put(loop.data.train_y[indices], loop.sharding)
+    extra: dict[str, Any] = {}
+    if loop.config.jac_reg_every > 1:  # (else the default: every step)
+        extra["jac_on"] = jnp.asarray(reg_on)
+    if state.warm is not None:
+        extra["z0"] = put(state.warm.lookup(indices), loop.sharding)
+    state.model, state.opt_state, metrics = loop.train_step(
+        state.model, state.opt_state, x, y, key, **extra
+    )
+    if state.warm is not None:
+        state.warm.update(indices, metrics.pop("z_star"))
+    return scalars(metrics)
+
+
+class _EpochSums:
+    """The sums of the metrics of an epoch's applied steps (for the epoch's means and
+    the progress bar), and of the current window of steps (for the training curve)."""
+
+    _SUMMED = ("loss", "acc", "fwd_steps", "fwd_converged", "bwd_steps")
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-        self._installed = False
-        # Where the run is, for the message (set by the training loop).
-        self.epoch = 0
-        self.steps_done = 0
-        self.saved_epoch: int | None = None
+        self.sums: dict[str, float] = {}
+        self.window: dict[str, float] = {}
+        self.curve: list[dict[str, float]] = []
+        self.applied = 0
+        self.skipped = 0
 
-    def stop(self, config: Config, steps_per_epoch: int | None) -> TrainingInterrupted:
-        """The exception that stops the run: where it stopped (`steps_per_epoch`: None if
-        it stopped at once, inside a step), and what was saved."""
-        if self.epoch == 0:
-            where = "before the first step"
-        elif steps_per_epoch is None:
-            where = f"in epoch {self.epoch}"
-        elif self.steps_done == steps_per_epoch:
-            where = f"after epoch {self.epoch}"
-        else:
-            where = f"in epoch {self.epoch} after {self.steps_done} of {steps_per_epoch} steps"
-        saved = _last_checkpoint(config, self.saved_epoch)
-        if self.saved_epoch is not None:
-            saved += " (continue it with `resume`)"
-        return TrainingInterrupted(f"interrupted {where}; {saved}", self.saved_epoch)
+    def add(self, metrics: dict[str, float], reg_on: bool) -> None:
+        """Count an applied step with `metrics` (`reg_on`: whether it computed the
+        Jacobian regulariser)."""
+        self.applied += 1
+        for k in self._SUMMED:
+            self.sums[k] = self.sums.get(k, 0.0) + metrics[k]
+            self.window[k] = self.window.get(k, 0.0) + metrics[k]
+        self.window["steps"] = self.window.get("steps", 0) + 1
+        if reg_on:
+            self.sums["jac_reg"] = self.sums.get("jac_reg", 0.0) + metrics["jac_reg"]
+            self.sums["jac_reg_steps"] = self.sums.get("jac_reg_steps", 0) + 1
 
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+    def end_window(self, examples: int) -> None:
+        """Close the window: one point of the training curve (the window's means, at
+        `examples` examples seen), unless it holds no applied step."""
+        if self.window.get("steps"):
+            w = self.window.pop("steps")
+            point = {k: v / w for k, v in self.window.items()}
+            point["examples"] = examples
+            self.curve.append(point)
+        self.window = {}
 
-    def __enter__(self) -> _Interrupts:
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous is not signal.SIG_IGN:
-                self._previous = signal.signal(signal.SIGINT, self._handle)
-                self._installed = True
-        return self
+    def mean(self, key: str) -> float:
+        """The mean of `key` over the applied steps (NaN if none)."""
+        return self.sums.get(key, math.nan) / max(self.applied, 1)
 
-    def __exit__(self, *exc_info) -> None:
-        if self._installed:
-            previous = self._previous
-            signal.signal(
-                signal.SIGINT, signal.default_int_handler if previous is None else previous
+    def record(self, epoch: int, examples: int) -> dict:
+        """The training part of the record of `epoch`, `examples` examples seen at its
+        end."""
+        return dict(
+            epoch=epoch,
+            train_loss=self.mean("loss"),
+            train_acc=self.mean("acc"),
+            fwd_steps=self.mean("fwd_steps"),
+            bwd_steps=self.mean("bwd_steps"),
+            fwd_converged=self.mean("fwd_converged"),
+            jac_reg=self.sums.get("jac_reg", math.nan) / max(self.sums.get("jac_reg_steps", 0), 1),
+            jac_reg_steps=self.sums.get("jac_reg_steps", 0),
+            skipped=self.skipped,
+            examples=examples,
+            curve=self.curve,
+        )
+
+
+def _summary(record: dict) -> str:
+    """The line of the log for an epoch's `record`."""
+    return (
+        f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc "
+        f"{100 * record['train_acc']:.2f}% | test loss {record['test_loss']:.4f} acc "
+        f"{100 * record['test_acc']:.2f}% | fwd {record['fwd_steps']:.1f} steps "
+        f"({100 * record['fwd_converged']:.1f}% converged), bwd "
+        f"{record['bwd_steps']:.1f} | jac_reg {record['jac_reg']:.3f} | "
+        f"skipped {record['skipped']} | {record['wall_time']:.0f} s"
+        + "".join(
+            f" | {name} {record[key]:.3f}"
+            for key, name in (
+                ("test_spectral_radius", "spectral radius"),
+                ("warm_start_rate", "warm starts"),
             )
-            self._installed = False
+            if key in record
+        )
+    )
+
+
+def _save(
+    config: Config,
+    state: _State,
+    epoch: int,
+    interrupts: _Interrupts,
+    log: Callable[[str], None],
+) -> None:
+    """Write the checkpoint of `epoch` (with its warm starts) to `checkpoint_dir` and
+    the metrics files to `out_dir` (where set). The warm-start files that the new
+    checkpoint makes obsolete are removed; one that cannot be is a warning.
+
+    **Raises:** `WriteError` if the checkpoint or ``metrics.jsonl`` cannot be written,
+    naming the file, the fault and the last good checkpoint."""
+    if config.checkpoint_dir is not None:
+        warm = state.warm
+        replaced = checkpoint_epoch(config.checkpoint_dir) if warm is not None else None
+        try:
+            if warm is not None:  # first: the checkpoint's JSON is the commit point
+                warm.save(config.checkpoint_dir, epoch)
+            save_checkpoint(
+                config.checkpoint_dir,
+                epoch,
+                state.model,
+                state.opt_state,
+                state.base_key,
+                state.history,
+                config,
+            )
+        except OSError as e:
+            raise WriteError(
+                f"{_fault(e, config.checkpoint_dir)}; the checkpoint of epoch {epoch} "
+                f"was not saved ({_last_checkpoint(config, state.saved_epoch)})"
+            ) from e
+        state.saved_epoch = interrupts.saved_epoch = epoch
+        if warm is not None:
+            try:
+                warm.prune(config.checkpoint_dir, epoch, replaced)
+            except OSError as e:
+                log(f"warning: {_fault(e, config.checkpoint_dir)}")
+    if config.out_dir is not None:
+        try:
+            write_metrics(config.out_dir, state.history, warn=log)
+        except OSError as e:
+            raise WriteError(
+                f"{_fault(e, config.out_dir)} ({_last_checkpoint(config, state.saved_epoch)})"
+            ) from e
+
+
+# --------------------------------------------------------------------------- evaluation, directories, faults
 
 
 def evaluate(
@@ -330,44 +707,6 @@ def _last_checkpoint(config: Config, saved_epoch: int | None) -> str:
     return f"last good checkpoint: epoch {saved_epoch} in {config.checkpoint_dir}"
 
 
-def train(
-    config: Config,
-    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
-    *,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    stop_after_epoch: int | None = None,
-) -> Result:
-    """Run (or resume) a training run.
-
-    `data`: ``(train_images, train_labels, test_images, test_labels)`` as returned by
-    `load_data` (default: `load_data(config)`); images go through `prepare_images`
-    unless already float32 ``(N, 1, 28, 28)``. `stop_after_epoch`: stop once that epoch
-    is done (to simulate an interruption; the schedule still spans `config.epochs`).
-    `progress`: show progress bars. `log`: called with each line of the log.
-
-    The run holds its directories for its whole life (`prepare_run`).
-
-    **Raises:** `SetupError`, `DirectoryInUseError`, `CheckpointError` before anything
-    is read (see `prepare_run`); `WriteError` if a checkpoint or ``metrics.jsonl`` cannot
-    be written (the message names the file, the fault and the last good checkpoint);
-    `TrainingInterrupted` on Ctrl-C.
-    """
-    config.check()
-    if config.distributed:
-        jax.distributed.initialize()
-        is_main = jax.process_index() == 0
-    else:
-        is_main = True
-    with prepare_run(config, main=is_main), _Interrupts() as interrupts:
-        try:
-            return _run(config, data, progress, log, stop_after_epoch, is_main, interrupts)
-        except TrainingInterrupted:
-            raise
-        except KeyboardInterrupt:  # (a second Ctrl-C: at once, wherever it landed)
-            raise interrupts.stop(config, None) from None
-
-
 def _fault(error: OSError, directory: str | os.PathLike) -> str:
     """`error` in one line that names the file (`WriteError`'s message already does)."""
     if isinstance(error, WriteError):
@@ -376,221 +715,55 @@ def _fault(error: OSError, directory: str | os.PathLike) -> str:
     return f"cannot write {where}: {describe(error)}"
 
 
-def _run(
-    config: Config,
-    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
-    progress: bool,
-    log: Callable[[str], None],
-    stop_after_epoch: int | None,
-    is_main: bool,
-    interrupts: _Interrupts,
-) -> Result:
-    """The run of `train`, once its directories are held."""
-    mesh = make_mesh()
-    ndev = mesh.devices.size
-    if config.batch_size % ndev:
-        raise ValueError(
-            f"The batch size ({config.batch_size}) must be divisible by the number of devices "
-            f"({ndev}: {jax.devices()[0].platform}); pick a multiple of {ndev}."
-        )
-    if data is None:
-        data = load_data(config)
-    train_x, train_y, test_x, test_y = data
-    if train_x.ndim == 3:
-        train_x = prepare_images(train_x)
-    if test_x.ndim == 3:
-        test_x = prepare_images(test_x)
-    train_y = np.asarray(train_y, np.int32)
-    test_y = np.asarray(test_y, np.int32)
-    n = len(train_x)
-    steps_per_epoch = n // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"The training set ({n}) is smaller than one batch ({config.batch_size}).")
-    total_steps = steps_per_epoch * config.epochs
+class _Interrupts:
+    """While entered (in the main thread): Ctrl-C sets `requested`, which the training
+    loop checks between steps, instead of raising `KeyboardInterrupt` wherever the
+    interpreter happens to be (inside a save, or inside a callback of JAX's garbage
+    collector, which would swallow it). A second Ctrl-C raises at once. The previous
+    handler is restored on exit; an ignored SIGINT stays ignored."""
 
-    base_key = jax.random.key(config.seed)
-    model = make_model(config)
-    optimizer = compiled_steps(config, total_steps)[2]
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-    history: list[dict] = []
-    start_epoch = 1
-    saved_epoch: int | None = None  # (of the checkpoint this run wrote or resumed)
-    warm = WarmStarts(n, config.width, model.state_side) if config.reuse_fixed_points else None
-    schedule = JacobianRegSchedule(config.jac_reg, every=config.jac_reg_every)
-    if config.resume:
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+        # Where the run is, for the message (set by the training loop).
+        self.epoch = 0
+        self.steps_done = 0
+        self.saved_epoch: int | None = None
 
-        def check(saved: dict) -> None:
-            for k in RESUME_KEYS:
-                if saved.get(k) != getattr(config, k):
-                    raise ValueError(
-                        f"Cannot resume: the checkpoint was written with {k}={saved.get(k)!r}, "
-                        f"this run has {k}={getattr(config, k)!r}."
-                    )
-
-        assert config.checkpoint_dir is not None  # Config.check: `resume` needs one
-        loaded = load_checkpoint(config.checkpoint_dir, model, opt_state, base_key, check)
-        if loaded is None:
-            log(f"no checkpoint in {config.checkpoint_dir}: starting from scratch")
+    def stop(self, config: Config, steps_per_epoch: int | None) -> TrainingInterrupted:
+        """The exception that stops the run: where it stopped (`steps_per_epoch`: None if
+        it stopped at once, inside a step), and what was saved."""
+        if self.epoch == 0:
+            where = "before the first step"
+        elif steps_per_epoch is None:
+            where = f"in epoch {self.epoch}"
+        elif self.steps_done == steps_per_epoch:
+            where = f"after epoch {self.epoch}"
         else:
-            epoch, model, opt_state, base_key, history, saved = loaded
-            start_epoch = epoch + 1
-            saved_epoch = epoch
-            log(f"resumed from {config.checkpoint_dir} after epoch {epoch}")
-            if warm is not None:
-                warm.load(config.checkpoint_dir, epoch, log)
+            where = f"in epoch {self.epoch} after {self.steps_done} of {steps_per_epoch} steps"
+        saved = _last_checkpoint(config, self.saved_epoch)
+        if self.saved_epoch is not None:
+            saved += " (continue it with `resume`)"
+        return TrainingInterrupted(f"interrupted {where}; {saved}", self.saved_epoch)
 
-    model = replicate(model, mesh)
-    opt_state = replicate(opt_state, mesh)
-    train_step, eval_step, _ = compiled_steps(config, total_steps)
-    sharding = batch_sharding(mesh)
-    last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
 
-    # Points of the training curve: about CURVE_POINTS per epoch.
-    curve_every = max(1, steps_per_epoch // CURVE_POINTS)
-    if progress and is_main:
-        from tqdm.auto import tqdm
-    interrupts.saved_epoch = saved_epoch
-    for epoch in range(start_epoch, last_epoch + 1):
-        t0 = time.perf_counter()
-        order = epoch_order(config.seed, epoch, n)
-        sums: dict[str, float] = {}
-        applied = skipped = 0
-        curve: list[dict[str, float]] = []
-        window: dict[str, float] = {}
-        bar = None
-        if progress and is_main:
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=True)
-        for s in range(steps_per_epoch):
-            interrupts.epoch, interrupts.steps_done = epoch, s
-            if interrupts.requested:
-                if bar is not None:
-                    bar.close()
-                raise interrupts.stop(config, steps_per_epoch)
-            idx = order[s * config.batch_size : (s + 1) * config.batch_size]
-            x = put(train_x[idx], sharding)
-            y = put(train_y[idx], sharding)
-            extra: dict[str, Any] = {}
-            reg_on = schedule.active((epoch - 1) * steps_per_epoch + s)
-            if config.jac_reg_every > 1:  # (else the default: every step)
-                extra["jac_on"] = jnp.asarray(reg_on)
-            if warm is not None:
-                extra["z0"] = put(warm.lookup(idx), sharding)
-            model, opt_state, metrics = train_step(
-                model, opt_state, x, y, step_key(base_key, epoch, s), **extra
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not signal.SIG_IGN:
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+                self._installed = True
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._installed:
+            previous = self._previous
+            signal.signal(
+                signal.SIGINT, signal.default_int_handler if previous is None else previous
             )
-            if warm is not None:
-                warm.update(idx, metrics.pop("z_star"))
-            m = scalars(metrics)
-            if m["finite"] > 0.5:
-                applied += 1
-                for k in ("loss", "acc", "fwd_steps", "fwd_converged", "bwd_steps"):
-                    sums[k] = sums.get(k, 0.0) + m[k]
-                    window[k] = window.get(k, 0.0) + m[k]
-                window["steps"] = window.get("steps", 0) + 1
-                if reg_on:
-                    sums["jac_reg"] = sums.get("jac_reg", 0.0) + m["jac_reg"]
-                    sums["jac_reg_steps"] = sums.get("jac_reg_steps", 0) + 1
-            else:
-                skipped += 1
-                log(f"epoch {epoch} step {s}: non-finite loss, gradient or update: skipped")
-            if (s + 1) % curve_every == 0 or s + 1 == steps_per_epoch:
-                # One point of the per-step training curve: the window's means.
-                if window.get("steps"):
-                    w = window.pop("steps")
-                    point = {k: v / w for k, v in window.items()}
-                    point["examples"] = ((epoch - 1) * steps_per_epoch + s + 1) * config.batch_size
-                    curve.append(point)
-                window = {}
-            if bar is not None:
-                d = max(applied, 1)
-                bar.set_postfix(
-                    loss=f"{sums.get('loss', math.nan) / d:.4f}",
-                    acc=f"{sums.get('acc', math.nan) / d:.4f}",
-                    fwd=f"{sums.get('fwd_steps', math.nan) / d:.1f}",
-                    bwd=f"{sums.get('bwd_steps', math.nan) / d:.1f}",
-                    refresh=False,
-                )
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        train_time = time.perf_counter() - t0
-        d = max(applied, 1)
-        record = dict(
-            epoch=epoch,
-            train_loss=sums.get("loss", math.nan) / d,
-            train_acc=sums.get("acc", math.nan) / d,
-            fwd_steps=sums.get("fwd_steps", math.nan) / d,
-            bwd_steps=sums.get("bwd_steps", math.nan) / d,
-            fwd_converged=sums.get("fwd_converged", math.nan) / d,
-            jac_reg=sums.get("jac_reg", math.nan) / max(sums.get("jac_reg_steps", 0), 1),
-            jac_reg_steps=sums.get("jac_reg_steps", 0),
-            skipped=skipped,
-            examples=epoch * steps_per_epoch * config.batch_size,
-            curve=curve,
-        )
-        if warm is not None:
-            record["warm_start_rate"] = warm.take_hit_rate()
-        record.update(
-            evaluate(
-                model,
-                test_x,
-                test_y,
-                batch_size=config.eval_batch_size,
-                mesh=mesh,
-                eval_step=eval_step,
-            )
-        )
-        record["train_time"] = train_time
-        record["wall_time"] = time.perf_counter() - t0
-        history.append(record)
-        if is_main:
-            log(
-                f"epoch {epoch}: train loss {record['train_loss']:.4f} acc "
-                f"{100 * record['train_acc']:.2f}% | test loss {record['test_loss']:.4f} acc "
-                f"{100 * record['test_acc']:.2f}% | fwd {record['fwd_steps']:.1f} steps "
-                f"({100 * record['fwd_converged']:.1f}% converged), bwd "
-                f"{record['bwd_steps']:.1f} | jac_reg {record['jac_reg']:.3f} | "
-                f"skipped {skipped} | {record['wall_time']:.0f} s"
-                + "".join(
-                    f" | {name} {record[key]:.3f}"
-                    for key, name in (
-                        ("test_spectral_radius", "spectral radius"),
-                        ("warm_start_rate", "warm starts"),
-                    )
-                    if key in record
-                )
-            )
-            if config.checkpoint_dir is not None:
-                try:
-                    if warm is not None:  # first: the checkpoint's JSON is the commit point
-                        warm.save(config.checkpoint_dir, epoch)
-                    save_checkpoint(
-                        config.checkpoint_dir, epoch, model, opt_state, base_key, history, config
-                    )
-                except OSError as e:
-                    raise WriteError(
-                        f"{_fault(e, config.checkpoint_dir)}; the checkpoint of epoch {epoch} "
-                        f"was not saved ({_last_checkpoint(config, saved_epoch)})"
-                    ) from e
-                saved_epoch = interrupts.saved_epoch = epoch
-                if warm is not None:
-                    try:
-                        warm.prune(config.checkpoint_dir, epoch)
-                    except OSError as e:
-                        log(f"warning: {_fault(e, config.checkpoint_dir)}")
-            if config.out_dir is not None:
-                try:
-                    write_metrics(config.out_dir, history, warn=log)
-                except OSError as e:
-                    raise WriteError(
-                        f"{_fault(e, config.out_dir)} ({_last_checkpoint(config, saved_epoch)})"
-                    ) from e
-        interrupts.epoch, interrupts.steps_done = epoch, steps_per_epoch
-        if interrupts.requested:
-            raise interrupts.stop(config, steps_per_epoch)
-    return Result(
-        model=model,
-        opt_state=opt_state,
-        history=history,
-        epoch=history[-1]["epoch"] if history else start_epoch - 1,
-    )
+            self._installed = False

@@ -3,10 +3,13 @@ fixed points (`fixedpoint_deq.FixedPointCache`), read before each step and writt
 after it, saved next to each checkpoint so that a resumed run warm-starts exactly as an
 uninterrupted one.
 
-The cache file of epoch `e` is ``fixed-points-XXXX.npz`` (states and filled flags),
-written atomically *before* the checkpoint of that epoch (whose JSON is the commit
-point), so a checkpoint never refers to a missing cache; older cache files are removed
-once the checkpoint is written. A resumed run without the file starts cold (and says so).
+The cache file of epoch `e` is ``fixed-points-XXXX.npz`` (states and filled flags; the
+checkpoint of epoch `e` names it by its epoch), written atomically *before* the
+checkpoint of that epoch (whose JSON is the commit point), so a checkpoint never refers
+to a missing cache. Once the checkpoint is written, `WarmStarts.prune` removes the cache
+files it makes obsolete, and only those: the ones this run wrote for other epochs, and
+the one of the checkpoint it replaced. Any other ``fixed-points-*.npz`` in the directory
+is left alone. A resumed run without the file starts cold (and says so).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class WarmStarts:
         self.cache = FixedPointCache(size, self.like)
         self.hits = 0
         self.lookups = 0
+        # The cache files written by `save` and not yet removed by `prune`.
+        self._written: set[Path] = set()
 
     def lookup(self, indices: np.ndarray) -> np.ndarray:
         """The warm starts of the digits `indices` (zeros where none is cached)."""
@@ -66,8 +71,9 @@ class WarmStarts:
         self.hits = self.lookups = 0
         return rate
 
-    def save(self, directory: str | os.PathLike, epoch: int) -> None:
-        """Write the cache of the end of `epoch` (atomically)."""
+    def save(self, directory: str | os.PathLike, epoch: int) -> Path:
+        """Write the cache of the end of `epoch` (atomically) into `directory`; returns
+        the path of the file."""
         states = np.asarray(self.cache.states)
         filled = np.asarray(self.cache.filled)
 
@@ -75,13 +81,38 @@ class WarmStarts:
             with open(p, "wb") as f:
                 np.savez(f, states=states, filled=filled)
 
-        atomic_write(Path(directory) / _file(epoch), write)
+        path = Path(directory) / _file(epoch)
+        atomic_write(path, write)
+        self._written.add(path)
+        return path
 
-    def prune(self, directory: str | os.PathLike, epoch: int) -> None:
-        """Remove the cache files of other epochs."""
-        for old in Path(directory).glob("fixed-points-*.npz"):
-            if old.name != _file(epoch):
-                old.unlink(missing_ok=True)
+    def prune(
+        self, directory: str | os.PathLike, epoch: int, replaced_epoch: int | None = None
+    ) -> list[Path]:
+        """Remove the cache files in `directory` that the checkpoint of `epoch` makes
+        obsolete: those `save` wrote for other epochs, and the one of the checkpoint
+        that the checkpoint of `epoch` replaced. Other files are left alone.
+
+        **Arguments:**
+
+        - `directory`: the checkpoint directory.
+        - `epoch`: the epoch of the checkpoint just written (its cache file is kept).
+        - `replaced_epoch`: the epoch of the checkpoint it replaced (None if none).
+
+        Returns the removed paths. **Raises:** `OSError` if a file cannot be removed (the
+        next call tries it again)."""
+        directory = Path(directory)
+        obsolete = {path for path in self._written if path.parent == directory}
+        if replaced_epoch is not None:
+            obsolete.add(directory / _file(replaced_epoch))
+        obsolete.discard(directory / _file(epoch))
+        removed = []
+        for path in sorted(obsolete):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+            self._written.discard(path)
+        return removed
 
     def load(self, directory: str | os.PathLike, epoch: int, log: Callable[[str], None]) -> None:
         """Read the cache saved with the checkpoint of `epoch`, if there is one.
