@@ -17,10 +17,19 @@ Two modes, chosen by pytest-benchmark's own switch:
 ``--benchmark-disable`` (pytest-benchmark refuses the two together otherwise).
 """
 
+import os
+
 import jax
 import pytest
 
 from . import harness, peers, problems
+
+
+# The MNIST command line and the benchmark runners keep what they compile on disk
+# (`fixedpoint_deq.mnist.compile_cache`); tests that call them must not fill the user's
+# cache, nor change how later tests in the same process compile. (Set it to a
+# directory to use one anyway; tests of the cache name their own.)
+os.environ.setdefault("FIXEDPOINT_COMPILATION_CACHE", "off")
 
 
 # The compilations of the JAX solvers, shared by every benchmark test of the session

@@ -396,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.threads < 1:
         parser.error("--steps and --threads must be >= 1")
+    from fixedpoint_deq.mnist import compile_cache
+
+    compile_cache.enable()  # ($FIXEDPOINT_COMPILATION_CACHE: another directory, or off)
     with_torchdeq = torchdeq_available() and not args.no_torchdeq
     if with_torchdeq:
         import torch  # pyright: ignore[reportMissingImports]

@@ -238,6 +238,9 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.parse_args(argv)
+    from fixedpoint_deq.mnist import compile_cache
+
+    compile_cache.enable()  # ($FIXEDPOINT_COMPILATION_CACHE: another directory, or off)
     print("## f evaluations to rtol 1e-8, tanh cell n = 1000, ||W|| = 0.95, float64\n")
     for label, counts in evaluations():
         print(

@@ -6,8 +6,17 @@ A test module marked `pytest.mark.strict_promotion` runs each of its tests with
 never rely on implicit promotion between dtypes.
 """
 
+import os
+
 import jax
 import pytest
+
+
+# The MNIST command line and the benchmark runners keep what they compile on disk
+# (`fixedpoint_deq.mnist.compile_cache`); tests that call them must not fill the user's
+# cache, nor change how later tests in the same process compile. (Set it to a
+# directory to use one anyway; tests of the cache name their own.)
+os.environ.setdefault("FIXEDPOINT_COMPILATION_CACHE", "off")
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
+from . import compile_cache, distributed
 from .config import Config, GROUPS, SetupError
 
 
@@ -150,6 +151,12 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[Config, bool]:
     values.update(ns)
     if os.environ.get("FIXEDPOINT_DISTRIBUTED", "") not in ("", "0"):
         values["distributed"] = True
+    try:  # the coordinator's settings: the command line, else the environment
+        values.update(distributed.from_environment(values))
+    except ValueError as e:
+        parser.error(str(e))
+    if {"coordinator_address", "num_processes", "process_id"} & values.keys():
+        values["distributed"] = True
     fields = {f.name for f in dataclasses.fields(Config)}
     config = Config(**{k: v for k, v in values.items() if k in fields})
     try:
@@ -177,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # (importing JAX takes a while)
         print("fixedpoint-mnist: interrupted before training began; nothing saved", file=sys.stderr)
         return 130
+    compile_cache.enable(config.compilation_cache)  # (before anything is compiled)
     try:
         result = train(config, progress=progress)
     except SetupError as e:

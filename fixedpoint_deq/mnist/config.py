@@ -24,6 +24,7 @@ from fixedpoint.internal import (
     TRAINER_FORWARD,
 )
 
+from .distributed import check_options
 from .model import head_grid, HEADS
 
 
@@ -64,6 +65,11 @@ NOT_IN_STEP = (
     "out_dir",
     "distributed",
     "eval_batch_size",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+    "coordinator_timeout",
+    "compilation_cache",
 )
 
 # Names of fields in checkpoints written by earlier versions.
@@ -439,6 +445,42 @@ class Config:
         "output, resuming, devices",
         "multi-host: call jax.distributed.initialize() first (also when FIXEDPOINT_DISTRIBUTED=1)",
     )
+    coordinator_address: str | None = option(
+        None,
+        "output, resuming, devices",
+        "multi-process without a cluster JAX detects: the coordinator, hosted by process 0 "
+        "(implies --distributed; else $FIXEDPOINT_COORDINATOR_ADDRESS)",
+        metavar="HOST:PORT",
+    )
+    num_processes: int | None = option(
+        None,
+        "output, resuming, devices",
+        "multi-process: the number of processes (else $FIXEDPOINT_NUM_PROCESSES)",
+        metavar="N",
+        rule=POSITIVE,
+    )
+    process_id: int | None = option(
+        None,
+        "output, resuming, devices",
+        "multi-process: this process's index, 0 to N-1 (else $FIXEDPOINT_PROCESS_ID)",
+        metavar="I",
+        rule=NON_NEGATIVE,
+    )
+    coordinator_timeout: int = option(
+        300,
+        "output, resuming, devices",
+        "multi-process: give up (exit 1) when the coordinator or another process has not "
+        "answered after this many seconds (default {default})",
+        metavar="SECONDS",
+        rule=POSITIVE,
+    )
+    compilation_cache: str | None = option(
+        None,
+        "output, resuming, devices",
+        "keep compiled programs in DIR for the next run, or 'off' (default: "
+        "$FIXEDPOINT_COMPILATION_CACHE, else ~/.cache/fixedpoint/jax)",
+        metavar="DIR|off",
+    )
 
     def check(self) -> None:
         """Raise `ValueError` on a setting out of range (naming it): each field's rule
@@ -477,6 +519,9 @@ class Config:
                 f"`correction_states` ({self.correction_states}) must be below `max_steps` "
                 f"({self.max_steps}): the corrected states are distinct forward steps."
             )
+        check_options(
+            self.coordinator_address, self.num_processes, self.process_id, self.distributed
+        )
         if self.reuse_fixed_points and self.distributed:
             raise ValueError(
                 "`reuse_fixed_points` keeps the cache in this process: it does not support "

@@ -33,9 +33,10 @@ atomically after every epoch.
 **Data parallelism.** A 1-D `jax.sharding.Mesh` over `jax.devices()` with axis
 ``"batch"``; each batch is sharded along it, the model and optimiser state are
 replicated, and the jitted step is partitioned by XLA. The batch size must be a multiple
-of the number of devices. Multi-host: pass `distributed=True` (`--distributed`) to call
-`jax.distributed.initialize()` first; every process then builds the same global batches
-and feeds its own shards.
+of the number of devices. Multi-host: pass `distributed=True` (`--distributed`) to join
+the other processes first (`fixedpoint_deq.mnist.distributed`: a cluster JAX detects, or
+`coordinator_address`, `num_processes` and `process_id`); every process then builds the
+same global batches and feeds its own shards.
 
 **Non-finite steps.** A step whose loss, gradient or update (the new parameters and
 optimiser state) is not finite leaves the model and the optimiser state unchanged; such
@@ -96,6 +97,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, RESUME_KEYS, SetupError
+from .distributed import initialize as initialize_distributed
 from .inputs import epoch_order, load_data, prepare_images, step_key
 from .metrics import METRICS_FILE, PLOT_FILE, write_metrics
 from .sharding import batch_sharding, make_mesh, put, replicate, scalars
@@ -217,11 +219,16 @@ def train(
 
 def _start_processes(config: Config) -> bool:
     """Join the other processes of a multi-host run (``distributed``: calls
-    `jax.distributed.initialize`). Returns whether this process is the main one (the
+    `fixedpoint_deq.mnist.distributed.initialize`). Returns whether this process is the main one (the
     first), which alone writes the run's files."""
     if not config.distributed:
         return True
-    jax.distributed.initialize()
+    initialize_distributed(
+        config.coordinator_address,
+        config.num_processes,
+        config.process_id,
+        timeout=config.coordinator_timeout,
+    )
     return jax.process_index() == 0
 
 
