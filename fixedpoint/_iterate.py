@@ -9,7 +9,7 @@ re-implements optimistix's private solve loop) and is opted into explicitly:
 
 - this package's root finders keep the contract the one loop needs (a `step` taken
   from a finished state leaves the iterate, the state and every statistic unchanged;
-  see [`fixedpoint.AbstractFixedPointRootFinder`][]);
+  see [`fixedpoint.AbstractFixedPointRootFinder`][]) and say so;
 - any other solver opts in with a method `keeps_finished_state()` returning `True`
   (a wrapper, e.g. one recording iterates, returns what `keeps_finished_state` says
   of the solver it wraps);
@@ -18,25 +18,14 @@ re-implements optimistix's private solve loop) and is opted into explicitly:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from ._optx_compat import as_inputs, iterate, while_loop as while_loop
-from ._solver._base import AbstractFixedPointRootFinder
+from ._optx_compat import iterate as iterate, while_loop as while_loop
 
 
 def keeps_finished_state(solver: Any) -> bool:
     """Whether a batch of solves of `solver` may run as one loop: its `step` leaves a
-    finished state and its iterate unchanged. True for this package's root finders and
-    for a solver whose method `keeps_finished_state()` returns True."""
+    finished state and its iterate unchanged, which it declares with a method
+    `keeps_finished_state()` returning True (as this package's root finders do)."""
     declared = getattr(solver, "keeps_finished_state", None)
-    if callable(declared):
-        return bool(declared())
-    return isinstance(solver, AbstractFixedPointRootFinder)
-
-
-def batch_aware(primal_fn: Callable, inputs: tuple) -> Any:
-    """`iterate(primal_fn, inputs, one_loop=keeps_finished_state(solver))`, the
-    solver being the one in `inputs` (as an `optx.AbstractAdjoint.apply` receives
-    them, with its `while_loop` appended)."""
-    return iterate(primal_fn, inputs, one_loop=keeps_finished_state(as_inputs(inputs).solver))
+    return bool(declared()) if callable(declared) else False

@@ -42,14 +42,14 @@ import optimistix as optx
 from equinox.internal import ω
 from jaxtyping import Array, PyTree
 
-from ._iterate import batch_aware, while_loop
+from ._iterate import iterate, while_loop
 from ._solver import (
     AbstractFixedPointRootFinder,
     Anderson as _AndersonRoot,
     Broyden as _BroydenRoot,
     Neumann as _NeumannRoot,
 )
-from ._validate import as_int, check_choice, check_int
+from ._validate import as_int, check_int
 
 
 def _residual(u, operator_and_vector):
@@ -77,11 +77,11 @@ class _PrimalAdjoint(optx.AbstractAdjoint):
     """The adjoint of the solve inside `compute`: none is needed, since lineax
     differentiates a linear solve by further linear solves and never through
     `compute`. It runs the solve so that a batch (`vmap`) is solved in one loop
-    (`fixedpoint._iterate.batch_aware`)."""
+    (this package's root finders keep a finished state: `fixedpoint._iterate`)."""
 
     def apply(self, primal_fn, rewrite_fn, inputs, tags):
         del rewrite_fn, tags
-        return batch_aware(primal_fn, inputs + (while_loop,))
+        return iterate(primal_fn, inputs + (while_loop,), one_loop=True)
 
 
 class AbstractFixedPointLinearSolver(lx.AbstractLinearSolver):
@@ -203,13 +203,6 @@ Anderson = AndersonLinearSolver
 Broyden = BroydenLinearSolver
 Neumann = NeumannLinearSolver
 
-_BY_NAME: dict[str, type[AbstractFixedPointLinearSolver]] = {
-    "anderson": AndersonLinearSolver,
-    "broyden": BroydenLinearSolver,
-    "neumann": NeumannLinearSolver,
-    "picard": NeumannLinearSolver,
-}
-
 
 def solver_from_name(name: str, **kwargs: Any) -> AbstractFixedPointLinearSolver:
     """The linear solver called `name`, built with `kwargs`.
@@ -226,5 +219,6 @@ def solver_from_name(name: str, **kwargs: Any) -> AbstractFixedPointLinearSolver
 
     The root finders have the same factory, [`fixedpoint.solver_from_name`][].
     """
-    check_choice("name", name, tuple(_BY_NAME))
-    return _BY_NAME[name](**kwargs)
+    from ._registry import linear_solver  # (the registry imports this module)
+
+    return linear_solver(name, **kwargs)

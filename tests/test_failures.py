@@ -17,6 +17,10 @@ import pytest
 import fixedpoint as fp
 
 
+# Solvers, linear solvers, adjoints and the DEQ layer never rely on implicit promotion.
+pytestmark = pytest.mark.strict_promotion
+
+
 (
     NAN_LATER,
     NAN_FIRST,
@@ -71,6 +75,9 @@ def solve(solver, mode, max_steps=60, throw=False):
     # The mode is an array, not a Python int (which filter_jit would make static).
     return _solve(solver, jnp.asarray(mode, jnp.int32), max_steps, throw)
 
+
+#: XLA's CPU backend reduces arrays of at least this size with other kernels.
+LARGE_STATE = 2**12
 
 SOLVERS = {
     "anderson": fp.Anderson(),
@@ -419,32 +426,7 @@ def test_anderson_gram_stays_the_gram_of_its_history(steps):
     )
 
 
-def test_best_point_is_the_last_evaluated_one_when_the_next_iterate_is_not_finite():
-    """Anderson stores its best point lazily: while the last evaluated point is the
-    best, `y_best` is stale and the point is the one the state keeps (`y_prev`). If the
-    batched loop then stops on a non-finite *next iterate* (the evaluated residual was
-    finite and better), what is returned must be that point, not the stale buffer."""
-    from fixedpoint._solver._common import init_progress, select_output
-
-    y0 = jnp.array([0.0, 1.0])
-    last = (jnp.array([2.0, 2.5]), jnp.array([0.5, 0.25]))
-    progress = init_progress(y0, 0)
-    progress = eqx.tree_at(
-        lambda p: (p.best_is_last, p.best_norm), progress, (jnp.array(True), jnp.array(0.5))
-    )
-    nan = jnp.array([jnp.nan, jnp.nan])
-    y_out, stats = select_output(nan, progress, optx.RESULTS.nonfinite, 0, last)
-    np.testing.assert_array_equal(y_out, last[0])
-    assert float(stats["residual_norm"]) == 0.5
-    # The stale buffer (y0 here) when the best point is not the last one.
-    progress = eqx.tree_at(lambda p: p.best_is_last, progress, jnp.array(False))
-    y_out, _ = select_output(nan, progress, optx.RESULTS.nonfinite, 0, last)
-    np.testing.assert_array_equal(y_out, y0)
-
-
 def _solve_big(solver, mode):
-    from fixedpoint._solver._common import LARGE_STATE
-
     y0 = jnp.tile(Y0, LARGE_STATE // Y0.size)
     return optx.fixed_point(_zoo, solver, y0, mode, max_steps=60, throw=False)
 
@@ -455,9 +437,9 @@ _solve_big_anderson = jax.jit(lambda mode: _solve_big(SOLVERS["anderson"], mode)
 
 @pytest.mark.parametrize("mode", [NAN_LATER, EXPAND, CONTRACT, CLIFF])
 def test_large_state_gives_the_outcome_of_the_small_one(mode):
-    """On a state of LARGE_STATE numbers or more Anderson records its best point lazily
-    (copied only when it stops being the last evaluated point), mixes in one fused pass
-    and screens the stopping rule. The maps here act elementwise, so the same problem on
+    """A state of LARGE_STATE numbers (where XLA reduces with other kernels, see
+    `test_one_nan_in_a_large_residual_is_detected`). The maps here act elementwise, so
+    the same problem on
     y0 repeated 2048 times has the same iterates (up to the rounding of the longer sums),
     norms and decisions: the same step count, result and returned point (the best one
     after a NaN, y0 after a divergence)."""
@@ -469,94 +451,6 @@ def test_large_state_gives_the_outcome_of_the_small_one(mode):
     np.testing.assert_allclose(sol.value, jnp.tile(small.value, reps), rtol=1e-6, atol=1e-6)
 
 
-def test_lazy_best_point_gives_what_the_eager_one_gives(monkeypatch):
-    """The lazy best point (large states) against the same solves with the best point
-    copied at every improvement (`_last_evaluated` returning None): bit-identical
-    values, step counts, results and residual norms, through NaN, restarts (BLOWUP)
-    and divergence (CLIFF), one by one and under vmap."""
-    modes = jnp.asarray([NAN_LATER, BLOWUP, CONTRACT, CLIFF], jnp.int32)
-
-    def run():
-        solve_one = jax.jit(lambda m: _solve_big(fp.Anderson(), m))
-        one = [solve_one(m) for m in modes]
-        both = jax.jit(jax.vmap(lambda m: _solve_big(fp.Anderson(), m)))(modes)
-        return one, both
-
-    lazy = run()
-    monkeypatch.setattr(fp.Anderson, "_last_evaluated", lambda self, state: None)
-    eager = run()
-    pairs = list(zip(lazy[0], eager[0])) + [(lazy[1], eager[1])]
-    for a, b in pairs:
-        np.testing.assert_array_equal(a.value, b.value)
-        np.testing.assert_array_equal(a.result._value, b.result._value)
-        np.testing.assert_array_equal(a.stats["num_steps"], b.stats["num_steps"])
-        np.testing.assert_array_equal(a.stats["residual_norm"], b.stats["residual_norm"])
-        assert bool(jnp.all(jnp.isfinite(a.value)))
-    # The batch really mixes outcomes: NaN, success after restarts, divergence.
-    assert len({int(r) for r in lazy[1].result._value}) == 3
-
-
-def test_anderson_ignores_whatever_its_empty_history_rows_hold():
-    """On a large state Anderson writes the history rows of a step that pushes no pair
-    (the first step, a restart) as they are, and ignores them: the coefficients and the
-    combination over the valid rows must be those of zeroed rows, also when the
-    ignored rows (and so their Gram entries) hold infinities and NaN."""
-    from fixedpoint._solver._common import LARGE_STATE
-    from fixedpoint._solver.anderson import _combine, _rows_zeroed, anderson_coefficients
-
-    m, n = 4, LARGE_STATE
-    assert not _rows_zeroed(m, n)
-    rng = np.random.default_rng(0)
-    dy, dr = (rng.normal(size=(m, n)).astype(np.float32) for _ in range(2))
-    r = rng.normal(size=n).astype(np.float32)
-    valid = jnp.array([True, False, True, False])
-    clean_dy, clean_dr = dy * np.asarray(valid)[:, None], dr * np.asarray(valid)[:, None]
-    dirty_dy, dirty_dr = dy.copy(), dr.copy()
-    dirty_dy[1, :3], dirty_dr[1, 5] = np.inf, np.nan
-    dirty_dr[3, 7], dirty_dy[3, 9] = -np.inf, np.nan
-
-    def coefficients(dy, dr):
-        with np.errstate(invalid="ignore", over="ignore"):
-            gram, dr_r = dr.astype(np.float64) @ dr.T, dr.astype(np.float64) @ r
-        return anderson_coefficients(
-            jnp.asarray(gram, jnp.float32), jnp.asarray(dr_r, jnp.float32), valid, jnp.asarray(1e-6)
-        )
-
-    gamma = coefficients(clean_dy, clean_dr)
-    np.testing.assert_array_equal(coefficients(dirty_dy, dirty_dr), gamma)
-    assert float(jnp.max(jnp.abs(gamma))) > 0 and not np.any(np.asarray(gamma)[[1, 3]])
-    h0 = jnp.float32(-0.7)
-    expected = gamma @ (clean_dy - h0 * clean_dr)
-    np.testing.assert_allclose(
-        _combine(gamma, jnp.asarray(dirty_dy), jnp.asarray(dirty_dr), h0, valid),
-        expected,
-        rtol=1e-5,
-        atol=1e-5,
-    )
-
-
-def test_anderson_rows_left_as_written_change_nothing(monkeypatch):
-    """The same large-state solves with the empty rows zeroed (`_rows_zeroed` forced):
-    the same step counts, results and restarts, and the same values up to the rounding
-    of the two ways of combining the rows, through restarts (BLOWUP), NaN and
-    divergence."""
-    from fixedpoint._solver import anderson
-
-    modes = jnp.asarray([NAN_LATER, BLOWUP, CLIFF], jnp.int32)
-
-    def run():
-        return jax.jit(jax.vmap(lambda m: _solve_big(fp.Anderson(), m)))(modes)
-
-    kept = run()
-    monkeypatch.setattr(anderson, "_rows_zeroed", lambda m, n: True)
-    zeroed = run()
-    assert int(jnp.max(kept.state.num_restarts)) >= 1
-    np.testing.assert_array_equal(kept.result._value, zeroed.result._value)
-    np.testing.assert_array_equal(kept.stats["num_steps"], zeroed.stats["num_steps"])
-    np.testing.assert_array_equal(kept.state.num_restarts, zeroed.state.num_restarts)
-    np.testing.assert_allclose(kept.value, zeroed.value, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("name", ["anderson", "broyden_nols", "neumann"])
 def test_an_infinite_iterate_with_a_finite_residual_is_nonfinite(name):
     """g(y) = 3e38 (float32) for the second sample: its iterates overflow to infinity
@@ -565,8 +459,6 @@ def test_an_infinite_iterate_with_a_finite_residual_is_nonfinite(name):
     on a small and on a large state: RESULTS.nonfinite with a finite returned point for
     that sample, and success for the other (g(y) = 1 - y). (Broyden without its line
     search: with it, the steps on a constant g backtrack instead of overflowing.)"""
-    from fixedpoint._solver._common import LARGE_STATE
-
     solver = SOLVERS[name]
 
     def g(y, blow):
@@ -595,8 +487,6 @@ def test_one_nan_in_a_large_residual_is_detected(name):
     see it: f = 0.5 z + 2 (fixed point 4), except that one element turns NaN once it
     reaches 3: RESULTS.nonfinite and a finite returned point (the best one), never
     'converged' with a NaN inside."""
-    from fixedpoint._solver._common import LARGE_STATE
-
     y0 = jnp.zeros(LARGE_STATE)
 
     def f(z, _):

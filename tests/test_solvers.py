@@ -33,6 +33,10 @@ from jax.flatten_util import ravel_pytree
 import fixedpoint as fp
 
 
+# Solvers, linear solvers, adjoints and the DEQ layer never rely on implicit promotion.
+pytestmark = pytest.mark.strict_promotion
+
+
 SOLVERS = ("anderson", "broyden", "neumann")
 CLASSES = {"anderson": fp.Anderson, "broyden": fp.Broyden, "neumann": fp.Neumann}
 # Stopping rule |g_i| < atol + rtol |y_i|. The float32 tolerances sit well above the
@@ -107,6 +111,18 @@ def _layer_root(z, args):
 def fixed(solver, y0, args, max_steps=MAX_STEPS):
     return optx.fixed_point(
         _layer, solver, y0, args, has_aux=True, max_steps=max_steps, throw=False
+    )
+
+
+def _layer_root_wide(z, args):
+    """`_layer_root` in float64 for a float32 `z` (g returns float64)."""
+    return _layer_root(z.astype(jnp.float64), args)
+
+
+@eqx.filter_jit
+def root_wide(solver, y0, args):
+    return optx.root_find(
+        _layer_root_wide, solver, y0, args, has_aux=True, max_steps=MAX_STEPS, throw=False
     )
 
 
@@ -393,8 +409,9 @@ def test_random_pytree(structure, name, seed):
 
 def _cos_and_affine(tree, args):
     w, b = args
-    flat, unravel = ravel_pytree(tree["t"])
-    return {"s": jnp.cos(tree["s"]), "t": unravel(w @ flat + b)}
+    with jax.numpy_dtype_promotion("standard"):  # (the leaves of "t" mix dtypes)
+        flat, unravel = ravel_pytree(tree["t"])
+        return {"s": jnp.cos(tree["s"]), "t": unravel(w @ flat + b)}
 
 
 @pytest.mark.parametrize("name", SOLVERS)
@@ -417,7 +434,7 @@ def test_mixed_precision_pytree(name, enable_x64):
         assert got.shape == start.shape and got.dtype == start.dtype
     # |cos'| = sin(z*) = 0.674 near z*: the error is <= |g| / (1 - 0.674) < 3.1 |g|.
     np.testing.assert_allclose(sol.value["s"], 0.7390851332151607, rtol=0, atol=3e-5)
-    flat = ravel_pytree(sol.value["t"])[0]
+    flat = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(sol.value["t"])])
     exact = np.linalg.solve(np.eye(7) - w, b)
     np.testing.assert_allclose(flat, exact, rtol=1e-4, atol=1e-5)
 
@@ -762,7 +779,7 @@ def test_float32_under_x64(name, enable_x64):
     assert w.dtype == jnp.float32
     y0 = jnp.zeros(N, jnp.float32)
     wide = (w.astype(jnp.float64), x.astype(jnp.float64), flag)
-    for sol in [fixed(solver, y0, (w, x, flag)), root(solver, y0, wide)]:
+    for sol in [fixed(solver, y0, (w, x, flag)), root_wide(solver, y0, wide)]:
         assert ok(sol), sol.result
         assert sol.value.dtype == jnp.float32
         assert sol.stats["residual_norm"].dtype == jnp.float32
@@ -1045,7 +1062,10 @@ def test_stopping_rule_without_division_decides_as_the_scaled_max_norm(dtype):
             rtol, atol = [(0.0, 0.0), (1e-4, 0.0), (0.0, 1e-6), (1e-3, 1e-6)][trial % 4]
             r_tree = {"a": jnp.asarray(r[0], dtype), "b": jnp.asarray(r[1], dtype)}
             y_tree = {"a": jnp.asarray(y[0], dtype), "b": jnp.asarray(y[1], dtype)}
-            scaled = jax.tree.map(lambda ri, yi: ri / (atol + rtol * jnp.abs(yi)), r_tree, y_tree)
+            with jax.numpy_dtype_promotion("standard"):  # (complex r over a real scale)
+                scaled = jax.tree.map(
+                    lambda ri, yi: ri / (atol + rtol * jnp.abs(yi)), r_tree, y_tree
+                )
             ratio = float(optx.max_norm(scaled))
             if np.isfinite(ratio) and abs(ratio - 1) < 1e-3:
                 continue
@@ -1054,40 +1074,3 @@ def test_stopping_rule_without_division_decides_as_the_scaled_max_norm(dtype):
             assert bool(_within_tolerance(r_tree, y_tree, rtol, atol, optx.rms_norm)) == bool(
                 optx.rms_norm(scaled) < 1
             )
-
-
-@pytest.mark.parametrize("norm", [optx.rms_norm, optx.two_norm], ids=["rms", "two"])
-def test_screened_stopping_rule_decides_as_the_scaled_norm(norm):
-    """On a large state the RMS and 2-norm rules are first screened with the lower
-    bound norm(r) / (atol + rtol max|y|), and evaluated in full only when that cannot
-    decide. Residuals from far outside to well inside the tolerance (both paths of
-    the screen, and both answers of the full rule), under jit and vmap, must give the
-    decisions of the plain formula; a small state (no screen) too."""
-    from fixedpoint._solver._common import _within_tolerance, LARGE_STATE
-
-    rng = np.random.default_rng(1)
-    rtol, atol = 1e-3, 1e-5
-    for n in (LARGE_STATE, 100):
-        y = {
-            "a": jnp.asarray(rng.normal(size=n // 2), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=(n - n // 2,)) * 3, jnp.float32),
-        }
-        unit = jax.tree.map(lambda yi: jnp.asarray(rng.uniform(-1, 1, yi.shape), yi.dtype), y)
-        scales = jnp.asarray([1e-3, 0.3, 0.9, 1.2, 3.0, 30.0, 3e3, 0.0])
-        rs = jax.vmap(
-            lambda c: jax.tree.map(lambda ui, yi: c * ui * (atol + rtol * jnp.abs(yi)), unit, y)
-        )(scales)
-
-        def expected(r):
-            scaled = jax.tree.map(lambda ri, yi: ri / (atol + rtol * jnp.abs(yi)), r, y)
-            return norm(scaled) < 1
-
-        def decided(r):
-            return _within_tolerance(r, y, rtol, atol, norm, norm(r))
-
-        want = jax.vmap(expected)(rs)
-        assert want.any() and not want.all()
-        np.testing.assert_array_equal(jax.jit(jax.vmap(decided))(rs), want)
-        for i in range(len(scales)):
-            r_i = jax.tree.map(lambda a: a[i], rs)
-            assert bool(jax.jit(decided)(r_i)) == bool(want[i])

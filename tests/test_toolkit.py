@@ -21,6 +21,10 @@ import fixedpoint as fp
 import fixedpoint_deq as fd
 
 
+# Solvers, linear solvers, adjoints and the DEQ layer never rely on implicit promotion.
+pytestmark = pytest.mark.strict_promotion
+
+
 N = 6  # state size of the small cells
 
 

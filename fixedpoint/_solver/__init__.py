@@ -1,18 +1,9 @@
 from typing import Any
 
-from .._validate import check_choice
 from ._base import AbstractFixedPointRootFinder as AbstractFixedPointRootFinder
 from .anderson import Anderson as Anderson
 from .broyden import Broyden as Broyden
 from .neumann import Neumann as Neumann
-
-
-_BY_NAME: dict[str, type[AbstractFixedPointRootFinder]] = {
-    "anderson": Anderson,
-    "broyden": Broyden,
-    "neumann": Neumann,
-    "picard": Neumann,
-}
 
 
 def solver_from_name(name: str, **kwargs: Any) -> AbstractFixedPointRootFinder:
@@ -31,5 +22,6 @@ def solver_from_name(name: str, **kwargs: Any) -> AbstractFixedPointRootFinder:
     The backward linear solvers have the same factory,
     [`fixedpoint.linear.solver_from_name`][].
     """
-    check_choice("name", name, tuple(_BY_NAME))
-    return _BY_NAME[name](**kwargs)
+    from .._registry import root_finder  # (the registry imports this module)
+
+    return root_finder(name, **kwargs)

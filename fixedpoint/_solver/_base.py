@@ -95,17 +95,14 @@ class AbstractFixedPointRootFinder(optx.AbstractRootFinder[Y, Out, Aux, SolverSt
         result: optx.RESULTS,
     ) -> tuple[Y, Aux, dict[str, Any]]:
         del fn, args, options, tags
-        y_out, stats = select_output(
-            y, state.progress, result, self.trace_length, self._last_evaluated(state)
-        )
+        y_out, stats = select_output(y, state.progress, result, self.trace_length)
         return y_out, aux, stats
 
-    def _last_evaluated(self, state: SolverState) -> tuple[Array, Array] | None:
-        """The last evaluated point and its residual (flat), if the solver state keeps
-        them whenever `state.progress.best_is_last` holds; then the best point is
-        stored lazily (see `update_progress`). `None` (the default): it is not."""
-        del state
-        return None
+    def keeps_finished_state(self) -> bool:
+        """True: a `step` taken from a finished state leaves the iterate, the state and
+        every statistic unchanged (see `is_done`), so a batch of solves may run as one
+        loop (`fixedpoint._iterate`)."""
+        return True
 
     def _evaluate(
         self,
@@ -113,10 +110,8 @@ class AbstractFixedPointRootFinder(optx.AbstractRootFinder[Y, Out, Aux, SolverSt
         y: Y,
         args: PyTree,
         progress: Progress,
-        last: tuple[Array, Array] | None = None,
     ) -> tuple[Float[Array, " n"], Float[Array, " n"], Aux, Progress]:
-        """Evaluate g once at y; return (flat y, flat r, aux, updated progress).
-        `last`: what `_last_evaluated` gives for the state being stepped."""
+        """Evaluate g once at y; return (flat y, flat r, aux, updated progress)."""
         r, aux = fn(y, args)
         dtype = progress.y_best.dtype
         y_flat = ravel(y, dtype)
@@ -132,7 +127,6 @@ class AbstractFixedPointRootFinder(optx.AbstractRootFinder[Y, Out, Aux, SolverSt
             norm=self.norm,
             divergence_factor=self.divergence_factor,
             divergence_patience=self.divergence_patience,
-            last=last,
         )
         return y_flat, r_flat, aux, progress
 

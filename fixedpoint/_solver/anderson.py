@@ -11,14 +11,14 @@ from .._validate import as_int, check_bool, check_int, check_real
 from ._base import AbstractFixedPointRootFinder, Aux, Fn, Out, Y
 from ._common import (
     acc_dtype,
+    backtrack_factor,
     dot,
     flatten_initial,
     init_progress,
     is_done,
-    LARGE_STATE,
+    keeps_picard_scale,
     negligible,
     Progress,
-    rarely,
     secant_scale,
 )
 
@@ -61,28 +61,6 @@ def _solve_hpd(a: Array, b: Array) -> Array:
         return ab.at[k].set(pivot_row)
 
     return jax.lax.fori_loop(0, m, eliminate, ab)[:, m]
-
-
-def _rows_zeroed(m: int, n: int) -> bool:
-    """Whether the history rows of a step that does not push a pair (the first step, a
-    restart) are written as zeros. On a large state with a short history they are
-    written as they are, and ignored: `_combine` reads only the valid rows, in a
-    single fused pass; a select per row would cost a pass over the state."""
-    return m > 8 or n < LARGE_STATE
-
-
-def _combine(gamma: Array, dy: Array, dr: Array, h0: Array, valid: Array) -> Array:
-    """``gamma @ (dy - h0 dr)`` over the `valid` rows. As two vector-matrix products
-    when the invalid rows are zero (see `_rows_zeroed`); else as one elementwise
-    expression over the rows, which XLA fuses with the rest of the update into a
-    single pass over both buffers, skipping the invalid rows (which may hold anything,
-    also non-finite values)."""
-    if _rows_zeroed(*dy.shape):
-        return gamma @ dy - h0 * (gamma @ dr)
-    out = jnp.zeros_like(dy[0])
-    for j in range(gamma.shape[0]):
-        out = out + jnp.where(valid[j], gamma[j] * (dy[j] - h0 * dr[j]), 0)
-    return out
 
 
 def anderson_coefficients(
@@ -144,50 +122,32 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
     \gamma_k$, and with an empty history a step is a damped Picard step (see
     [`fixedpoint.Neumann`][]). On a linear problem it is equivalent to GMRES(m)-like
     Krylov acceleration. The least-squares problem is solved with its columns scaled to
-    unit norm, by the normal equations plus $\lambda$ (relative Tikhonov
-    regularisation, floored at 10 x the dtype's machine epsilon), Hermitian for complex
-    states, in the dtype of `y` promoted to at least float32 (float16 and bfloat16
-    states work; the iterates keep the dtype of `y`); empty or collinear history
-    columns cannot give NaN.
+    unit norm (see `anderson_coefficients`), in the dtype of `y` promoted to at least
+    float32; the iterates keep the dtype of `y`.
 
     **Scaling from the problem:** the first pair of the history $(s, d)$ (the first
     step and the change of residual it made) rescales $h_0$ to the secant scale
 
     $$h_0 = \frac{d^* s}{|d^* s|}\,\frac{\|s\|_2}{\|d\|_2}$$
 
-    (the sign - for complex states the phase - of $d^* s$ and the size $\|s\| / \|d\|$,
-    which stays meaningful when $s$ and $d$ are nearly orthogonal, as for an indefinite
-    Jacobian), unless that has the sign of $-\beta$ and is less than $10 \beta$ in
-    size: then the fixed-point convention $h_0 = -\beta$ stays (on contractive DEQ maps
-    nothing changes). On a root problem whose Jacobian has eigenvalues of the other
-    sign (e.g. positive definite: $y + g(y)$ expands) or a much larger scale, the
-    Picard direction $-h_0 g$ is then a sensible one. Later, a restart step (below)
-    that had to be shrunk below 1/20 before it was accepted rescales $h_0$ again from
-    its own pair (the steps were far too long).
+    (the sign - for complex states the phase - of $d^* s$ and the size $\|s\| / \|d\|$),
+    unless `keeps_picard_scale`: it has the sign of $-\beta$ and is less than $10
+    \beta$ in size (as on contractive maps). A restart step (below) that had to be
+    shrunk below 1/20 before it was accepted rescales $h_0$ again from its own pair.
 
     **Adaptive mixing** (`adaptive_beta=True`, off by default): every later pair
     $(s, d)$ along which the map contracts ($\operatorname{Re}(d^* s) < 0$) sets
     $h_0 = -\max(\beta, \|s\|_2 / \|d\|_2)$: the Picard part of the step grows to
     the inverse of the contraction rate the newest pair measured (a Barzilai-Borwein
-    step size), never below $\beta$. On slowly contracting, nearly linear maps it cuts
-    the evaluations (on the benchmark grid, `m = 5`: linear maps of spectral radius
-    0.9 / 0.99, 49 / 152 against 72 / 403; the MNIST DEQ cells 69 / 30 against 70 / 32
-    with 4 digits, equal with 32), at three scalar products per step; on root problems
-    whose history already captures the slow directions it costs evaluations
-    (Chandrasekhar's H-equation with c = 0.99: 18 against 11; Bratu's problem: 11
-    against 9), which is why it is off by default.
+    step size), never below $\beta$. It helps on slowly contracting, nearly linear
+    maps and can cost evaluations on root problems whose history already captures the
+    slow directions (see the benchmarks page).
 
     **Periodic restart** (`periodic_restart=True`, off by default): a full history
     restarts instead of dropping its oldest pair, keeping only the newest one, so that it
-    holds 1, 2, ..., m, 1, 2, ... pairs (restarted rather than windowed Anderson, cf. the
-    restarts of Henderson and Varadhan 2019). On a linear problem that makes each cycle
-    a GMRES(m)-like minimisation over a fresh Krylov space, where a window mixes pairs
-    from different cycles. On the benchmark grid (`m = 5`, same memory) it needs 42 /
-    95 evaluations against 72 / 403 on the symmetric linear maps of spectral radius
-    0.9 / 0.99 (n = 100; 42 / 129 against 66 / 462 with n = 1,000), and as many or
-    fewer on the other problems (up to 3 fewer on tanh cells, 1 on Bratu's problem), but
-    2 more on the trained MNIST DEQ cell with 32 digits (39 against 37) and 27 against
-    20 on SciPy's test problem F5, which is why it is off by default.
+    holds 1, 2, ..., m, 1, 2, ... pairs (restarted rather than windowed Anderson, cf.
+    Henderson and Varadhan 2019): on a linear problem each cycle is a GMRES(m)-like
+    minimisation over a fresh Krylov space.
 
     **Safeguard:** if the residual at a new iterate exceeds `safeguard_factor` times the
     best residual seen so far, the extrapolation is rejected: the history is cleared and
@@ -200,16 +160,10 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
     restart step that overshoots is backtracked, never repeated.
     `sol.state.num_restarts` counts the restarts.
 
-    **Stopping rule, failures, statistics:** as for [`fixedpoint.Neumann`][]: stop when
-    `norm(g(y) / (atol + rtol * |y|)) < 1`; `nonfinite`, `nonlinear_divergence` and
-    `nonlinear_max_steps_reached` are reported and what is returned on failure is as
-    described there; exactly one evaluation of $g$ per step;
-    `sol.stats["residual_norm"]` (real, also for complex states) and, with
-    `trace_length > 0`, `sol.stats["residual_trace"]`. Divergence is declared when the
-    residual stayed above `divergence_factor` x the best one for `divergence_patience`
-    evaluations in a row, i.e. when the restarts (each shrinking the step) could not
-    bring it back: a transient rise of the residual, which the safeguard handles, is
-    not failure.
+    **Stopping rule, failures, statistics:** as for [`fixedpoint.Neumann`][], with one
+    evaluation of $g$ per step. Divergence is declared when the residual stayed above
+    `divergence_factor` x the best one for `divergence_patience` evaluations in a row:
+    when the restarts could not bring it back.
 
     Memory: $2 m n + O(n)$ numbers in the dtype of `y`; cost per step beyond the
     evaluation of $g$: $O(m n + m^3)$ (the Gram matrix of the history is updated by one
@@ -272,12 +226,6 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
             progress=init_progress(y_flat, self.trace_length),
         )
 
-    def _last_evaluated(self, state: _AndersonState) -> tuple[Array, Array] | None:
-        # The best point is kept lazily on large states only (see `LARGE_STATE`).
-        if state.y_prev.size < LARGE_STATE:
-            return None
-        return state.y_prev, state.r_prev
-
     def step(
         self,
         fn: Fn[Y, Out, Aux],
@@ -288,134 +236,42 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         tags: frozenset[object],
     ) -> tuple[Y, _AndersonState, Aux]:
         del options, tags
-        best_before = state.progress.best_norm
         frozen = is_done(state.progress)  # a finished solve changes nothing (see is_done)
-        last = self._last_evaluated(state)
-        y_k, r_k, aux, progress = self._evaluate(fn, y, args, state.progress, last)
-        dtype = y_k.dtype
-        acc = state.gram.dtype
-        real = state.restart_t.dtype
-        # (jnp, not Python's max: `regularisation` may be traced.)
-        reg = jnp.maximum(
-            jnp.asarray(self.regularisation, real), jnp.asarray(10 * jnp.finfo(dtype).eps, real)
-        )
+        y_k, r_k, aux, progress = self._evaluate(fn, y, args, state.progress)
+        dtype, acc = y_k.dtype, state.gram.dtype
 
         # Safeguard: reject a point whose residual blew up; restart from the best.
         reject = (
             state.has_prev
-            & (progress.residual_norm > self.safeguard_factor * best_before)
+            & (progress.residual_norm > self.safeguard_factor * state.progress.best_norm)
             & ~progress.converged
             & ~frozen
         )
+        push = state.has_prev & ~reject & ~frozen  # the new pair enters the history
 
-        # The step just taken started from the point evaluated before, or from the best
-        # point if it was a restart. Then `y_best`, `r_best` were up to date, and still
-        # are when the best point is kept lazily: a step after a restart does not write
-        # them (see `update_progress`; read after the update, they need no copy).
-        # Selects that XLA fuses into the differences.
-        best = progress if last is not None else state.progress
-        s_k = y_k - jnp.where(state.from_best, best.y_best, state.y_prev)
-        d_k = r_k - jnp.where(state.from_best, best.r_best, state.r_prev)
+        # The secant pair of the step just taken (from the best point after a restart).
+        s_k = y_k - jnp.where(state.from_best, state.progress.y_best, state.y_prev)
+        d_k = r_k - jnp.where(state.from_best, state.progress.r_best, state.r_prev)
+        dy, dr, gram, count, index = self._push(state, s_k, d_k, push, reject, frozen)
+        fit, fit_ok, cosine, d_s, _, d_d = secant_scale(s_k, d_k, acc, negligible(dtype))
+        h0 = self._rescale(state, fit, fit_ok, cosine, push)
+        c, restart_t, restart_best = self._restart_length(state, progress, reject, d_s, d_d)
 
-        # Accepted point: push the new differences into the ring buffer. When not
-        # pushing (first step or restart) the history is empty afterwards: the row is
-        # zeroed, or written as it is and ignored (see `_rows_zeroed`).
-        push = state.has_prev & ~reject & ~frozen
-        if _rows_zeroed(self.m, y_k.size):
-            s_new = jnp.where(push, s_k, 0)
-            d_new = jnp.where(push, d_k, 0)
-        else:
-            s_new, d_new = s_k, d_k
-        i = state.index
-        # (A finished solve writes out of range: the write is dropped.)
-        slot = jnp.where(frozen, self.m, i)
-        dy = state.dy.at[slot].set(s_new, mode="drop")
-        dr = state.dr.at[slot].set(d_new, mode="drop")
-        if self.periodic_restart:
-            # A full history restarts: the new pair (written over the oldest, in slot
-            # 0, where a full ring's index is) is all it keeps.
-            pushed = state.count % self.m + 1
-        else:
-            pushed = jnp.minimum(state.count + 1, self.m)
-        count = jnp.where(reject, 0, jnp.where(push, pushed, state.count))
-        index = jnp.where(reject, 0, jnp.where(push, (state.index + 1) % self.m, state.index))
-
-        # The initial inverse-Jacobian estimate h0 I (h0 = -beta: the Picard step
-        # y + beta g) is rescaled from the problem at the first pair of the history,
-        # unless the secant scale agrees in sign with -beta and is less than 10 beta
-        # in size; and again from the pair of a restart step that had to be shrunk
-        # below 1/20 before it was accepted (such steps were far too long).
-        # (Only needed at the first pair and on the step after a restart: on a large
-        # state skipped otherwise, see `rarely`; on a small one its three scalar
-        # products cost less than the conditional, which also takes longer to compile.)
-        def secant():
-            return secant_scale(s_k, d_k, acc, negligible(dtype))
-
-        def no_secant():
-            zero = jnp.zeros((), real)
-            return state.h0, jnp.array(False), zero, jnp.zeros((), acc), zero, zero
-
-        if self.adaptive_beta or y_k.size < LARGE_STATE:  # (at every step)
-            fit, fit_ok, cosine, d_s, _, d_d = secant()
-        else:
-            fit, fit_ok, cosine, d_s, _, d_d = rarely(
-                state.pending_restart | ~state.scaled, secant, no_secant
-            )
-        keep = (cosine < 0.1) & (jnp.abs(fit) < 10 * self.beta)
-        first_pair = push & ~state.scaled & ~keep
-        short = push & state.scaled & state.pending_restart & (state.restart_t < 0.05)
-        h0 = jnp.where((first_pair | short) & fit_ok, fit, state.h0)
-        if self.adaptive_beta:
-            # A later pair with Re(d* s) < 0 (the map contracts along it) sets the
-            # mixing to beta_k = max(beta, |s| / |d|), i.e. h0 = -beta_k.
-            grow = push & fit_ok & (cosine < 0) & state.scaled & ~state.pending_restart
-            h0 = jnp.where(grow, -jnp.maximum(self.beta, jnp.abs(fit)), h0).astype(h0.dtype)
-        h0_v = h0.astype(dtype)
-
-        # Base point of the mixing step: the new point, or the best one on restart,
-        # from where a restart takes the Picard step y_best - c h0 g(y_best).
-        # c = 1 unless the best point has not improved since the latest restart: then
-        # that restart's step overshot (it, or the extrapolations after it, blew up),
-        # and c shrinks - by the minimiser of the secant model of g along the Picard
-        # line, clipped to [1/10, 1/2], when the rejected point is that step itself,
-        # else by 1/2 - so that no rejected point is evaluated again (backtracking).
-        # (That step is s = -c h0 r_best from y_best, so the secant-model
-        # minimiser -Re(d* r_best) / |d|^2 is Re(d* s / (c h0)) / |d|^2.)
-        c_h0 = state.restart_t.astype(acc) * state.h0
-        ratio = jnp.real(d_s / jnp.where(c_h0 != 0, c_h0, 1)) / jnp.where(d_d > 0, d_d, 1)
-        ratio = jnp.where(
-            state.pending_restart & jnp.isfinite(ratio), jnp.clip(ratio, 0.1, 0.5), 0.5
-        ).astype(real)
-        stuck = progress.best_norm >= state.restart_best
-        c = jnp.where(stuck, state.restart_t * ratio, jnp.ones_like(ratio))
-        first = ~state.has_prev  # the first step is a restart from y0 with c = 1
-        new_restart = reject | first
-        restart_t = jnp.where(reject, c, jnp.where(first, 1, state.restart_t)).astype(real)
-        restart_best = jnp.where(new_restart, progress.best_norm, state.restart_best)
-        # Only row/column i of the (Hermitian) Gram matrix changes: one matrix-vector
-        # product (m n) per step instead of a matrix product (m^2 n); accumulated in
-        # at least float32. (With the new column as written, not read back from the
-        # buffer: a gather per step less. Two products, not one with a two-column
-        # right-hand side, which XLA's CPU backend runs ten times slower.)
-        gram_i = dot(dr, d_new, acc)
-        gram = (
-            state.gram.at[slot]
-            .set(jnp.conj(gram_i), mode="drop")
-            .at[:, slot]
-            .set(gram_i, mode="drop")
-        )
+        # Mixing: y_next = y - h0 r - (dY - h0 dR) gamma, from the best point after a
+        # restart (an empty history: a Picard step of length c).
         valid = jnp.arange(self.m) < count
-        # (After a restart the history is empty and gamma = 0: r_k is the right-hand
-        # side also then.)
-        gamma = anderson_coefficients(gram, dot(dr, r_k, acc), valid, reg)
-        gamma = gamma.astype(dtype)
-        step = -h0_v * jnp.where(reject, c, 1).astype(dtype)
-        # On a reject the new point is not the best, so `y_best`, `r_best` are up to
-        # date (see `update_progress`); the selects are fused into the mixing.
+        reg = jnp.maximum(
+            jnp.asarray(self.regularisation, d_d.dtype),
+            jnp.asarray(10 * jnp.finfo(dtype).eps, d_d.dtype),
+        )
+        gamma = anderson_coefficients(gram, dot(dr, r_k, acc), valid, reg).astype(dtype)
+        h0_v = h0.astype(dtype)
         y_base = jnp.where(reject, progress.y_best, y_k)
         r_base = jnp.where(reject, progress.r_best, r_k)
-        y_next = y_base + step * r_base - _combine(gamma, dy, dr, h0_v, valid)
+        step = -h0_v * jnp.where(reject, c, 1).astype(dtype)
+        y_next = y_base + step * r_base - (gamma @ dy - h0_v * (gamma @ dr))
 
+        first = ~state.has_prev  # the first step is a restart from y0 with c = 1
         new_state = _AndersonState(
             dy=dy,
             dr=dr,
@@ -429,12 +285,70 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
             num_restarts=state.num_restarts + reject.astype(state.num_restarts.dtype),
             restart_t=restart_t,
             restart_best=restart_best,
-            pending_restart=new_restart,
+            pending_restart=reject | first,
             h0=h0,
             scaled=state.scaled | push,
             progress=progress,
         )
         return self._next_y(y, y_next, progress), new_state, aux
+
+    def _push(self, state, s_k, d_k, push, reject, frozen):
+        """The history after this step: the pair `(s_k, d_k)` written into the ring
+        slot `index` if `push`; an empty history after a restart (`reject`). The Gram
+        matrix changes in row and column `index` only (one product with the history,
+        accumulated in its dtype). A finished solve (`frozen`) keeps everything."""
+        i = state.index
+        s_new = jnp.where(push, s_k, 0)  # (a zero row: no pair)
+        d_new = jnp.where(push, d_k, 0)
+        # A finished solve writes out of range, and the writes are dropped (rather than
+        # selected: keeps a tiny solve under XLA's inline threshold, benchmarks/test_costs.py).
+        slot = jnp.where(frozen, self.m, i)
+        dy = state.dy.at[slot].set(s_new, mode="drop")
+        dr = state.dr.at[slot].set(d_new, mode="drop")
+        gram_i = dot(dr, d_new, state.gram.dtype)
+        gram = state.gram.at[slot].set(jnp.conj(gram_i), mode="drop")
+        gram = gram.at[:, slot].set(gram_i, mode="drop")
+        if self.periodic_restart:  # a full history keeps only the newest pair
+            pushed = state.count % self.m + 1
+        else:
+            pushed = jnp.minimum(state.count + 1, self.m)
+        count = jnp.where(reject, 0, jnp.where(push, pushed, state.count))
+        index = jnp.where(reject, 0, jnp.where(push, (i + 1) % self.m, i))
+        return dy, dr, gram, count, index
+
+    def _rescale(self, state, fit, fit_ok, cosine, push):
+        """The initial inverse-Jacobian estimate h0 after this step: the secant scale
+        `fit` at the first pair of the history (unless `keeps_picard_scale`) and at the
+        pair of a restart step that had to be shrunk below 1/20; with `adaptive_beta`,
+        -max(beta, |s|/|d|) at every later pair along which the map contracts."""
+        first_pair = push & ~state.scaled & ~keeps_picard_scale(cosine, fit, self.beta)
+        short = push & state.scaled & state.pending_restart & (state.restart_t < 0.05)
+        h0 = jnp.where((first_pair | short) & fit_ok, fit, state.h0)
+        if self.adaptive_beta:
+            grow = push & fit_ok & (cosine < 0) & state.scaled & ~state.pending_restart
+            h0 = jnp.where(grow, -jnp.maximum(self.beta, jnp.abs(fit)), h0).astype(h0.dtype)
+        return h0
+
+    def _restart_length(self, state, progress, reject, d_s, d_d):
+        """The length c of a restart's Picard step y_best - c h0 g(y_best), and the
+        restart bookkeeping (`restart_t`, `restart_best`) after this step.
+
+        c = 1 unless the best point has not improved since the latest restart: then
+        that restart's step overshot and c shrinks (backtracking, so that no rejected
+        point is evaluated again): by `backtrack_factor` of the secant model along the
+        Picard line when the rejected point is that step itself, else by 1/2. (That
+        step is s = -c h0 r_best, so the model's minimiser -Re(d* r_best) / |d|^2 is
+        Re(d* s / (c h0)) / |d|^2.)"""
+        real = state.restart_t.dtype
+        c_h0 = state.restart_t.astype(d_s.dtype) * state.h0
+        ratio = backtrack_factor(jnp.real(d_s / jnp.where(c_h0 != 0, c_h0, 1)), d_d)
+        ratio = jnp.where(state.pending_restart, ratio, 0.5).astype(real)
+        stuck = progress.best_norm >= state.restart_best
+        c = jnp.where(stuck, state.restart_t * ratio, jnp.ones_like(ratio))
+        first = ~state.has_prev
+        restart_t = jnp.where(reject, c, jnp.where(first, 1, state.restart_t)).astype(real)
+        restart_best = jnp.where(reject | first, progress.best_norm, state.restart_best)
+        return c, restart_t, restart_best
 
 
 Anderson.__init__.__doc__ = """**Arguments:**
