@@ -44,13 +44,16 @@ def _fn(z, p):
     return jnp.where(s < 0, jnp.log(s) * z, s * jnp.tanh(w @ z) + b + jnp.where(s > 1, 2 * z, 0))
 
 
-# One sample each: fast, medium, slow (max steps at 30 for Neumann), divergent,
-# non-finite. (A NumPy array: JAX arrays are made inside the x64 fixture.)
+# One sample each: fast, medium, slow, out of steps (for Neumann: plain iteration at
+# 0.97 needs more than 30), expanding (Neumann diverges; Anderson and Broyden find its
+# repelling fixed point), non-finite. (A NumPy array: JAX arrays are made inside the
+# x64 fixture.)
 PARAMS = np.array(
     [
         [0.1] + [1.0] * N,
         [0.7] + [0.5] * N,
         [0.97] + [-1.0] * N,
+        [0.97] + [-0.2] * N,
         [1.5] + [1.0] * N,
         [-1.0] + [1.0] * N,
     ],
@@ -71,6 +74,13 @@ SOLVERS = {
 }
 
 
+def result_is(result: lx.RESULTS, member: lx.RESULTS) -> np.ndarray:
+    """`result == member` as a NumPy boolean array, one entry per sample of a batched
+    `result` (a scalar for an unbatched one). For `optx.RESULTS` (which extends
+    `lx.RESULTS`) and `lx.RESULTS` alike."""
+    return np.asarray(result == member)
+
+
 def _solve(solver, adjoint, p, y0=None):
     y0 = jnp.zeros(N, jnp.float64) if y0 is None else y0
     sol = optx.fixed_point(
@@ -83,7 +93,7 @@ def _assert_same(batched, single, i):
     value, stats, result = batched
     s_value, s_stats, s_result = single
     np.testing.assert_allclose(value[i], s_value, rtol=RTOL, atol=ATOL)
-    assert result._value[i] == s_result._value
+    assert result_is(result, s_result)[i]
     assert set(stats) == set(s_stats)
     for key in stats:
         if key in ("num_steps", "max_steps"):
@@ -92,19 +102,39 @@ def _assert_same(batched, single, i):
             np.testing.assert_allclose(stats[key][i], s_stats[key], rtol=RTOL, atol=ATOL)
 
 
+_OK = optx.RESULTS.successful
+_NONFINITE = optx.RESULTS.nonfinite
+# Per solver, the result and the evaluations of each sample of PARAMS, solved alone.
+OUTCOMES = {
+    "anderson": ([_OK] * 5 + [_NONFINITE], [8, 11, 12, 13, 11, 1]),
+    "broyden": ([_OK] * 5 + [_NONFINITE], [8, 13, 14, 14, 14, 1]),
+    # (The line search is never needed on these maps: the same steps as without.)
+    "broyden-ls": ([_OK] * 5 + [_NONFINITE], [8, 13, 14, 14, 14, 1]),
+    "broyden-pairs": ([_OK] * 5 + [_NONFINITE], [8, 17, 19, 21, 20, 1]),
+    "neumann": (
+        [_OK] * 3
+        + [
+            optx.RESULTS.nonlinear_max_steps_reached,
+            optx.RESULTS.nonlinear_divergence,
+            _NONFINITE,
+        ],
+        [9, 26, 28, MAX_STEPS, 16, 1],
+    ),
+}
+
+
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_vmap_equals_per_sample(name):
     solver = SOLVERS[name]
     adjoint = fp.ImplicitAdjoint(throw=False)
     batched = jax.jit(jax.vmap(lambda p: _solve(solver, adjoint, p)))(PARAMS)
     solve_one = jax.jit(lambda p: _solve(solver, adjoint, p))  # one compilation
-    results = set()
+    results, steps = OUTCOMES[name]
     for i, p in enumerate(PARAMS):
         single = solve_one(p)
+        assert result_is(single[2], results[i]), (i, single[2])
+        assert int(single[1]["num_steps"]) == steps[i], i
         _assert_same(batched, single, i)
-        results.add(int(single[2]._value))
-    # The batch really mixes outcomes (success and at least one failure code).
-    assert 0 in results and len(results) >= 2, results
 
 
 @pytest.mark.parametrize("name", ["anderson", "broyden", "neumann"])
@@ -136,6 +166,8 @@ def test_unbatched_arguments_and_batched_start():
     solve_one = jax.jit(lambda y0: _solve(solver, adjoint, p, y0))
     for i, y0 in enumerate(starts):
         _assert_same(batched, solve_one(y0), i)
+    # Anderson's evaluations from 0, 1 and -3 (11 from 0: `OUTCOMES`).
+    np.testing.assert_array_equal(batched[1]["num_steps"], [11, 10, 11])
 
 
 def test_nested_vmap():
@@ -149,6 +181,8 @@ def test_nested_vmap():
             single = solve_one(grid[j, i])
             np.testing.assert_allclose(batched[0][j, i], single[0], rtol=RTOL, atol=ATOL)
             assert batched[1]["num_steps"][j, i] == single[1]["num_steps"]
+    # Anderson's evaluations per sample; halving the offsets slows the slow one by one.
+    np.testing.assert_array_equal(batched[1]["num_steps"], [[8, 11, 12], [8, 11, 13]])
 
 
 def test_other_solvers_fall_back_to_the_plain_batched_loop():
@@ -161,18 +195,22 @@ def test_other_solvers_fall_back_to_the_plain_batched_loop():
         single = solve_one(p)
         np.testing.assert_allclose(batched[0][i], single[0], rtol=RTOL, atol=ATOL)
         assert batched[1]["num_steps"][i] == single[1]["num_steps"]
+    # Plain iteration: the same evaluations as fp.Neumann (`OUTCOMES`).
+    np.testing.assert_array_equal(batched[1]["num_steps"], [9, 26, 28])
+    assert np.all(result_is(batched[2], optx.RESULTS.successful))
 
 
 @pytest.mark.parametrize(
-    "solver",
+    "solver, steps",
     [
-        fp.linear.Anderson(rtol=1e-10, atol=1e-10, max_steps=60),
-        fp.linear.Broyden(rtol=1e-10, atol=1e-10, max_steps=60),
-        fp.linear.Neumann(rtol=1e-10, atol=1e-10, max_steps=60),
+        (fp.linear.Anderson(rtol=1e-10, atol=1e-10, max_steps=60), [7, 8, 8, 8]),
+        (fp.linear.Broyden(rtol=1e-10, atol=1e-10, max_steps=60), [10, 11, 11, 11]),
+        # (Plain iteration runs out of its 60 steps at the two slowest contractions.)
+        (fp.linear.Neumann(rtol=1e-10, atol=1e-10, max_steps=60), [14, 31, 60, 60]),
     ],
     ids=["anderson", "broyden", "neumann"],
 )
-def test_linear_solvers_vmap_equals_per_sample(solver):
+def test_linear_solvers_vmap_equals_per_sample(solver, steps):
     w = _w()
     scales = jnp.array([0.2, 0.6, 0.9, 0.99])
     b = jnp.arange(1.0, N + 1.0)
@@ -180,17 +218,17 @@ def test_linear_solvers_vmap_equals_per_sample(solver):
     def solve(s):
         operator = lx.MatrixLinearOperator(s * w - jnp.eye(N))
         sol = lx.linear_solve(operator, b, solver, throw=False)
-        return sol.value, sol.stats["num_steps"], sol.result._value
+        return sol.value, sol.stats["num_steps"], sol.result
 
     batched = jax.jit(jax.vmap(solve))(scales)
     solve_one = jax.jit(solve)
-    steps = set()
     for i, s in enumerate(scales):
         value, num_steps, result = solve_one(s)
         np.testing.assert_allclose(batched[0][i], value, rtol=RTOL, atol=ATOL)
-        assert batched[1][i] == num_steps and batched[2][i] == result
-        steps.add(int(num_steps))
-    assert len(steps) > 1  # the samples stop at different steps
+        assert batched[1][i] == num_steps and result_is(batched[2], result)[i]
+        assert int(num_steps) == steps[i], i
+        expected = lx.RESULTS.successful if steps[i] < 60 else lx.RESULTS.max_steps_reached
+        assert result_is(result, expected), (i, result)
 
 
 def test_history_is_not_selected_per_step():
