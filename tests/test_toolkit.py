@@ -297,10 +297,14 @@ def test_evaluation_budget_and_solver_without_rebuilding():
         eval_solver=fp.Anderson(m=5, rtol=1e-6, atol=1e-7),
     )
     _, train_record = deq(x)
-    assert int(train_record.num_steps) <= 3
+    # Training: the loose solver would need more than its budget of 3 evaluations.
+    assert int(train_record.num_steps) == 3 and not bool(train_record.converged)
     z_eval, eval_record = eqx.nn.inference_mode(deq)(x)
-    assert bool(eval_record.converged) and int(eval_record.num_steps) > 3
-    assert float(eval_record.residual_norm) < 1e-5
+    # Inference: the tight solver converges in 11 evaluations (float32: rounding at a
+    # 1e-6 tolerance may move the last one), within its budget of 40 ...
+    assert bool(eval_record.converged) and 10 <= int(eval_record.num_steps) <= 12
+    # ... at max|g(z)| < atol + rtol max|z|, with |z| <= 1 (tanh).
+    assert float(eval_record.residual_norm) < 1e-7 + 1e-6
     z_over, over_record = deq(x, inference=True)
     np.testing.assert_array_equal(z_over, z_eval)
     # The training model is unchanged by the switch.
@@ -377,7 +381,10 @@ def test_jacobian_regularisation_schedule():
     (_, record), grad = run(w, jnp.array(True))
     np.testing.assert_allclose(record.jac_reg, reg_static, rtol=1e-5)
     assert jnp.any(grad != 0)
-    assert bool(jnp.all(record.spectral_radius > 0) & jnp.all(record.spectral_radius < 1))
+    # Each growth factor of the power iteration is at most ||J||_2 <= ||W||_2 = 0.9
+    # (tanh' <= 1; float32 rounding of the norms aside), and none is 0.
+    rho = np.asarray(record.spectral_radius)
+    assert np.all(rho > 0) and np.all(rho <= 0.9 * (1 + 1e-5)), rho
     (_, record), grad = run(w, jnp.array(False))
     assert bool(jnp.all(record.jac_reg == 0)) and bool(jnp.all(grad == 0))
 
@@ -410,7 +417,8 @@ def test_warm_and_cold_starts_reach_the_same_fixed_point(warm_solve, seed, shift
     assert bool(jnp.all(rec_warm.converged)) and bool(jnp.all(rec_ref.converged))
     np.testing.assert_allclose(z_warm, z_ref, atol=2e-5)
     if shift == 0.0:
-        assert bool(jnp.all(rec_warm.num_steps <= 2))
+        # Started on the converged points themselves: converged at the first evaluation.
+        np.testing.assert_array_equal(np.asarray(rec_warm.num_steps), 1)
 
 
 def test_fixed_point_cache_never_aliases_or_stores_failures():
@@ -567,7 +575,7 @@ def test_correction_states_and_gradient_match_unrolled_differentiation():
         cell, solver=TIGHT, max_steps=60, correction=fd.FixedPointCorrection(steps=(50, 60))
     )
     z, record = early(x[0])
-    assert int(record.num_steps) < 50
+    assert 7 <= int(record.num_steps) <= 9  # 8 (float32 rounding may move the last step)
     assert record.states is not None
     np.testing.assert_allclose(record.states, jnp.stack([z, z]), atol=1e-5)
     # A batch whose samples stop at different steps (one loop for the whole batch):
