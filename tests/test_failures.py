@@ -451,6 +451,44 @@ def test_large_state_gives_the_outcome_of_the_small_one(mode):
     np.testing.assert_allclose(sol.value, jnp.tile(small.value, reps), rtol=1e-6, atol=1e-6)
 
 
+def test_anderson_ignores_whatever_its_empty_history_rows_hold():
+    """On a large state (`_fused`) Anderson writes the history rows of a step that
+    pushes no pair (the first step, a restart) as they are, and ignores them: the coefficients and the
+    combination over the valid rows must be those of zeroed rows, also when the
+    ignored rows (and so their Gram entries) hold infinities and NaN."""
+    from fixedpoint._solver.anderson import _combine, _fused, anderson_coefficients
+
+    m, n = 4, LARGE_STATE
+    assert _fused(m, n)
+    rng = np.random.default_rng(0)
+    dy, dr = (rng.normal(size=(m, n)).astype(np.float32) for _ in range(2))
+    r = rng.normal(size=n).astype(np.float32)
+    valid = jnp.array([True, False, True, False])
+    clean_dy, clean_dr = dy * np.asarray(valid)[:, None], dr * np.asarray(valid)[:, None]
+    dirty_dy, dirty_dr = dy.copy(), dr.copy()
+    dirty_dy[1, :3], dirty_dr[1, 5] = np.inf, np.nan
+    dirty_dr[3, 7], dirty_dy[3, 9] = -np.inf, np.nan
+
+    def coefficients(dy, dr):
+        with np.errstate(invalid="ignore", over="ignore"):
+            gram, dr_r = dr.astype(np.float64) @ dr.T, dr.astype(np.float64) @ r
+        return anderson_coefficients(
+            jnp.asarray(gram, jnp.float32), jnp.asarray(dr_r, jnp.float32), valid, jnp.asarray(1e-6)
+        )
+
+    gamma = coefficients(clean_dy, clean_dr)
+    np.testing.assert_array_equal(coefficients(dirty_dy, dirty_dr), gamma)
+    assert float(jnp.max(jnp.abs(gamma))) > 0 and not np.any(np.asarray(gamma)[[1, 3]])
+    h0 = jnp.float32(-0.7)
+    expected = gamma @ (clean_dy - h0 * clean_dr)
+    np.testing.assert_allclose(
+        _combine(gamma, jnp.asarray(dirty_dy), jnp.asarray(dirty_dr), h0, valid),
+        expected,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 @pytest.mark.parametrize("name", ["anderson", "broyden_nols", "neumann"])
 def test_an_infinite_iterate_with_a_finite_residual_is_nonfinite(name):
     """g(y) = 3e38 (float32) for the second sample: its iterates overflow to infinity
