@@ -1,5 +1,7 @@
 """What `benchmarks.costs` reports and the docs rely on, checked without timing."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -41,5 +43,8 @@ def test_step_costs_divide_by_the_steps_each_solver_took():
     out = costs.step_costs(n=8, steps=60, calls=2)
     assert out["fp.Neumann"][1] == 60 and out["optx.FixedPointIteration"][1] == 60
     if "jaxopt.FixedPointIteration" in out:
-        assert 0 < out["jaxopt.FixedPointIteration"][1] < 60
-    assert all(us > 0 for us, _ in out.values())
+        # Plain iteration of the 0.5-contraction reaches its floating-point fixed point
+        # (an error of exactly 0) in 22 steps with fused multiply-adds, 23 without
+        # (`XLA_FLAGS=--xla_cpu_max_isa=AVX`): where exactly depends on rounding.
+        assert 21 <= out["jaxopt.FixedPointIteration"][1] <= 24
+    assert all(math.isfinite(us) and us > 0 for us, _ in out.values())

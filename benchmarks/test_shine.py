@@ -87,7 +87,7 @@ def test_each_mode_against_its_formula(mode, memory):
         if mode == "shine":
             state = jax.tree.map(lambda leaf: leaf[i], states)
             assert (state.low_rank.size > 0) == (N <= memory)
-            assert int(state.count) > 0  # H is not just gamma I
+            assert 1 <= int(state.count) <= memory  # H is not just gamma I
             valid = (jnp.arange(state.u.shape[0]) < state.count)[:, None]
             terms = jnp.where(valid, state.u, 0).T @ state.v if state.u.size else state.low_rank
             h = state.gamma * jnp.eye(N) + terms
