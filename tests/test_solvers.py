@@ -19,6 +19,7 @@ Compilation dominates the run time (about a second per solver and shape), so:
 """
 
 import functools
+import math
 
 import equinox as eqx
 import jax
@@ -242,6 +243,17 @@ def check_trace(sol, trace_length):
         assert trace[steps - 1] == float(sol.stats["residual_norm"])
 
 
+def picard_steps(r0_norm, lipschitz, atol):
+    """Evaluations within which plain iteration meets the stopping rule on a map of
+    Lipschitz constant `lipschitz` (2-norm) whose residual at y0 has 2-norm `r0_norm`:
+    ||r_k|| <= lipschitz^k ||r_0|| < atol after k steps, confirmed at evaluation k + 1."""
+    if r0_norm < atol:
+        return 1
+    if lipschitz == 0:
+        return 2
+    return 1 + math.ceil(math.log(atol / r0_norm) / math.log(lipschitz))
+
+
 def problem_strategy():
     return st.fixed_dictionaries(
         dict(
@@ -269,7 +281,10 @@ def solve_random(problem, name, dtype, nonlinear):
     sol = fixed(SOLVER[dtype][name], jnp.zeros(N, dtype), args)
     assert ok(sol), sol.result
     steps = int(sol.stats["num_steps"])
-    assert 1 <= steps < MAX_STEPS
+    # Plain iteration's guarantee (tanh is 1-Lipschitz): a theorem for Neumann, and no
+    # accelerated solver may need more on any of these examples.
+    r0 = np.linalg.norm(np.tanh(x) if nonlinear else x)
+    assert steps <= picard_steps(r0, w_norm, TOL[dtype]["atol"]), steps
     assert calls_since_reset() == steps  # one evaluation per step
     assert sol.value.dtype == jnp.dtype(dtype)
     np.testing.assert_array_equal(sol.aux["input"], sol.value)  # aux of the result
@@ -549,8 +564,8 @@ def test_anderson_adaptive_beta(enable_x64):
     plain, adapted = solve(base, jnp.asarray(a), jnp.asarray(b)), solve(adaptive, a, b)
     assert ok(plain) and ok(adapted)
     np.testing.assert_allclose(adapted.value, exact, rtol=1e-8, atol=1e-8)
-    steps, adapted_steps = int(plain.stats["num_steps"]), int(adapted.stats["num_steps"])
-    assert adapted_steps < 0.8 * steps, (adapted_steps, steps)
+    # 119 evaluations instead of 289 (float64).
+    assert (int(adapted.stats["num_steps"]), int(plain.stats["num_steps"])) == (119, 289)
     assert float(adapted.state.h0) < -1.0 and float(plain.state.h0) == -1.0
 
     # float32, a batch of three right-hand sides: the stopping rule bounds the residual
@@ -590,8 +605,8 @@ def test_anderson_periodic_restart_on_a_slowly_contracting_linear_map(enable_x64
     restarted = solve(fp.Anderson(rtol=0.0, atol=1e-10, periodic_restart=True), a, b)
     assert ok(windowed) and ok(restarted)
     np.testing.assert_allclose(restarted.value, exact, rtol=1e-8, atol=1e-8)
-    steps, restarted_steps = int(windowed.stats["num_steps"]), int(restarted.stats["num_steps"])
-    assert restarted_steps < 0.7 * steps, (restarted_steps, steps)
+    # 98 evaluations instead of 289 (float64).
+    assert (int(restarted.stats["num_steps"]), int(windowed.stats["num_steps"])) == (98, 289)
 
     bs = jnp.asarray(rng.normal(size=(3, n)), jnp.float32)
     single = fp.Anderson(rtol=0.0, atol=1e-4, periodic_restart=True)
@@ -604,11 +619,11 @@ def test_anderson_periodic_restart_on_a_slowly_contracting_linear_map(enable_x64
 
 def test_broyden_line_search_from_farther_start(enable_x64):
     """With the line search, Broyden reaches the cube root from 2.0 and 0.5, and the
-    search did backtrack on the way."""
+    search did backtrack on the way (twice, in 18 evaluations)."""
     sol = root_cube(CUBE["broyden_ls"], jnp.array([2.0, 2.1, 0.5]), CUBE_ROOT_2)
     assert ok(sol), sol.result
     np.testing.assert_allclose(sol.value, 2 ** (1 / 3), rtol=1e-10)
-    assert int(sol.state.num_backtracks) > 0
+    assert int(sol.state.num_backtracks) == 2 and int(sol.stats["num_steps"]) == 18
 
 
 def _dense_broyden(g, y0, beta, memory, steps, update="good"):
@@ -733,8 +748,10 @@ def test_vmap_different_step_counts(name):
     solver = SOLVER["float32"][name]
     batch = jax.vmap(lambda s: fixed(solver, jnp.zeros(N), (s * w, x, flag)))(scales)
     steps = [int(s) for s in batch.stats["num_steps"]]
-    assert len(set(steps)) == 3, steps
     assert steps[0] == 2  # W = 0: y1 = tanh(x) is exact, confirmed at step 2
+    # 5 and 9 for every solver (float32: rounding at the tolerance may move the last
+    # step by one, but never merge the three).
+    assert 4 <= steps[1] <= 6 and 8 <= steps[2] <= 10, steps
     assert bool(jnp.all(batch.result == optx.RESULTS.successful))
     for i, scale in enumerate(scales):
         single = fixed(solver, jnp.zeros(N), (scale * w, x, flag))
@@ -799,7 +816,7 @@ def test_trace_and_statistics(name, enable_x64):
     traced = fixed(SOLVER["float64"][name], y0, args)
     assert ok(traced)
     steps = int(traced.stats["num_steps"])
-    assert 3 < steps < TRACE
+    assert steps == dict(anderson=23, broyden=22, neumann=23)[name]  # (float64)
     check_trace(traced, TRACE)
     trace = np.asarray(traced.stats["residual_trace"])
     w, x, _ = (np.asarray(a) for a in args)
@@ -821,8 +838,8 @@ def test_trace_and_statistics(name, enable_x64):
 
 
 def test_acceleration(enable_x64):
-    """On a linear map with eigenvalues up to +-0.95 (Picard needs ~400 steps to
-    1e-10) Anderson and Broyden take well under half as many steps."""
+    """On a linear map with eigenvalues up to +-0.95 Picard needs 386 evaluations to
+    1e-10, Anderson 140 and Broyden 68 (float64)."""
     rng = np.random.default_rng(0)
     w = random_matrix(rng, N, 0.95, "symmetric")
     args = (jnp.asarray(w), jnp.asarray(rng.standard_normal(N)), jnp.asarray(False))
@@ -831,9 +848,7 @@ def test_acceleration(enable_x64):
         sol = fixed(SOLVER["float64"][name], jnp.zeros(N), args)
         assert ok(sol), (name, sol.result)
         steps[name] = int(sol.stats["num_steps"])
-    assert steps["neumann"] > 300, steps
-    assert 2 * steps["anderson"] < steps["neumann"], steps
-    assert 2 * steps["broyden"] < steps["neumann"], steps
+    assert steps == dict(anderson=140, broyden=68, neumann=386), steps
 
 
 def test_trace_length_and_exact_max_steps(enable_x64):
@@ -867,17 +882,22 @@ def test_one_evaluation_per_step(name):
         calls_since_reset()
         sol = solve(SOLVER["float32"][name], jnp.zeros(N), args)
         assert ok(sol)
-        assert calls_since_reset() == int(sol.stats["num_steps"]) > 2
+        # 9 evaluations (float32: rounding at the tolerance may move the last one).
+        assert calls_since_reset() == int(sol.stats["num_steps"])
+        assert 8 <= int(sol.stats["num_steps"]) <= 10
 
 
 @pytest.mark.parametrize(
-    "solver",
+    "solver, expected_steps",
     [
-        fp.Anderson(m=1, beta=0.5),
-        fp.Anderson(m=12, regularisation=0.0, norm=optx.rms_norm, safeguard_factor=1.5),
-        fp.Broyden(memory=1),
-        fp.Broyden(memory=3, beta=0.3, line_search=True, max_backtracks=2, norm=optx.two_norm),
-        fp.Neumann(beta=0.5, norm=optx.rms_norm),
+        (fp.Anderson(m=1, beta=0.5), 30),
+        (fp.Anderson(m=12, regularisation=0.0, norm=optx.rms_norm, safeguard_factor=1.5), 16),
+        (fp.Broyden(memory=1), 18),
+        (
+            fp.Broyden(memory=3, beta=0.3, line_search=True, max_backtracks=2, norm=optx.two_norm),
+            35,
+        ),
+        (fp.Neumann(beta=0.5, norm=optx.rms_norm), 41),
     ],
     ids=[
         "anderson_m1",
@@ -887,15 +907,15 @@ def test_one_evaluation_per_step(name):
         "neumann",
     ],
 )
-def test_hyperparameter_variants(solver, enable_x64):
+def test_hyperparameter_variants(solver, expected_steps, enable_x64):
     """Edge settings still converge, under the stopping rule of their own norm, with
-    one evaluation per step."""
+    one evaluation per step, in the evaluations each takes (float64)."""
     solver = eqx.tree_at(lambda s: (s.rtol, s.atol), solver, (1e-8, 1e-10))
     w, x, flag = small_problem("float64", norm=0.8, seed=5)
     calls_since_reset()
     sol = fixed(solver, jnp.zeros(N), (w, x, flag))
     assert ok(sol), sol.result
-    assert calls_since_reset() == int(sol.stats["num_steps"])
+    assert calls_since_reset() == int(sol.stats["num_steps"]) == expected_steps
     y = np.asarray(sol.value)
     r = np.tanh(np.asarray(w) @ y + np.asarray(x)) - y
     assert float(solver.norm(jnp.asarray(r / (1e-10 + 1e-8 * np.abs(y))))) < 1 + 1e-6
