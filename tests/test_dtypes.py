@@ -131,7 +131,13 @@ def test_complex_linear(name, dtype, enable_x64):
 def test_complex_rotation(name):
     """z = 0.9 e^{i theta_j} z_j + (1 + i), rotations of different angles: Broyden
     used to stop with a divergence; now every solver converges, Anderson and Broyden
-    in a few steps."""
+    in a few steps.
+
+    Evaluations, complex64 (7, 9, 51 and 115 or 116 measured; rounding may move them
+    by one or two): plain iteration's residual is 0.9^k sqrt(2) at step k, below the
+    tolerance 1e-6 + 1e-5 |z| = 8.4e-6 of the slowest component (theta = 3, |z| = 0.74)
+    first at k = 115 in exact arithmetic (evaluation 116), with a 2% margin at k = 114
+    that the float32 rounding of the iterates (~10% of that residual) can cross."""
     phases = jnp.asarray(np.exp(1j * np.linspace(0.0, 3.0, 4)), jnp.complex64)
     exact = (1 + 1j) / (1 - 0.9 * np.asarray(phases))
     solver = SOLVERS[name](rtol=1e-5, atol=1e-6)
@@ -145,9 +151,17 @@ def test_complex_rotation(name):
     )
     assert sol.result == optx.RESULTS.successful
     _check_dtypes(sol, jnp.complex64)
-    np.testing.assert_allclose(sol.value, exact, rtol=0, atol=1e-4)
-    if name in ("anderson", "broyden"):  # (memory 3 restarts every 3 updates)
-        assert int(sol.stats["num_steps"]) <= 12
+    # z - z* = g(z) / (0.9 c - 1) componentwise, and |g_j| < 1e-6 + 1e-5 |z_j|
+    # (plus a few float32 ulps of z).
+    bound = (1e-6 + 1.1e-5 * np.abs(exact)) / np.abs(1 - 0.9 * np.asarray(phases))
+    assert np.all(np.abs(np.asarray(sol.value) - exact) <= bound), (sol.value, exact)
+    low, high = {
+        "anderson": (6, 8),
+        "broyden": (8, 10),
+        "broyden-pairs": (48, 54),  # (memory 3 restarts every 3 updates)
+        "neumann": (114, 117),
+    }[name]
+    assert low <= int(sol.stats["num_steps"]) <= high, int(sol.stats["num_steps"])
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
