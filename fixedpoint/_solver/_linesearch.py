@@ -86,14 +86,15 @@ def init_search(y: Array) -> SearchState:
 
 
 class Decision(NamedTuple):
-    """What becomes of the evaluated point (at most one holds; none on the first
-    evaluation)."""
+    """What becomes of the evaluated point (at most one of the first five holds; none on
+    the first evaluation, nor once the solve has finished)."""
 
     accept: Bool[Array, ""]  # it passes: the new base point
     on_trial: Bool[Array, ""]  # it fails, but is accepted on trial
     give_up: Bool[Array, ""]  # it fails after a step on trial: back to the anchor
     backtrack: Bool[Array, ""]  # it fails: a shorter step along `p`
     restart: Bool[Array, ""]  # it fails after `max_backtracks`: a new direction
+    finished: Bool[Array, ""]  # the solve has finished: the search stays as it is
 
     @property
     def moves(self) -> Bool[Array, ""]:
@@ -108,11 +109,14 @@ def decide(
     step_sq: Scalar,
     converged: Bool[Array, ""],
     *,
+    finished: Bool[Array, ""],
     enabled: bool,
     max_backtracks: int,
 ) -> Decision:
     """The test of the evaluated point `y` (``norm = ||g(y)||_2``, ``step_sq =
-    ||y - search.y||^2``). A converged point is accepted; `enabled=False` accepts all."""
+    ||y - search.y||^2``). A converged point is accepted; `enabled=False` accepts all.
+    `finished`: the solve had finished before this evaluation (see `is_done`)."""
+    live = search.started & ~finished
     if enabled:
         real = search.t.dtype
         eta = ETA / (search.num_accepted.astype(real) + 1) ** 2
@@ -121,7 +125,7 @@ def decide(
         from_anchor = jnp.real(dot(y - search.y_anchor, y - search.y_anchor, acc_dtype(y.dtype)))
         good_anchor = norm <= (1 + eta) * search.norm_anchor - SIGMA * from_anchor
         good = jnp.where(search.watching, good_anchor, good)
-        failed = search.started & ~good & ~converged
+        failed = live & ~good & ~converged
     else:
         failed = jnp.array(False)
     first_try = ~search.watching & (search.tries == 0) & (search.num_accepted > 0)
@@ -130,11 +134,12 @@ def decide(
     rejected = failed & ~on_trial & ~give_up
     backtrack = rejected & (search.tries < max_backtracks)
     return Decision(
-        accept=search.started & ~failed,
+        accept=live & ~failed,
         on_trial=on_trial,
         give_up=give_up,
         backtrack=backtrack,
         restart=rejected & ~backtrack,
+        finished=finished,
     )
 
 
@@ -153,11 +158,11 @@ def advance(
     """The next trial point and the search state that goes with it.
 
     `y`, `r`, `norm`, `d_d`: the evaluated point, its residual, ``||r||_2`` and
-    ``||r - search.r||_2^2``; `direction`:
-    the solver's direction from `y` (taken when it moves there, or on the first
-    evaluation); `retry`: its direction from the current base point, kept for a
-    return there if `y` is accepted on trial; `restart`: its direction from the base
-    point after a restart."""
+    ``||r - search.r||_2^2``; `direction`: the solver's direction from `y` (taken when
+    it moves there, or on the first evaluation); `retry`: its direction from the
+    current base point, kept for a return there if `y` is accepted on trial; `restart`:
+    its direction from the base point after a restart. A finished solve keeps its
+    state (but for `watching`) and statistics."""
     real = search.t.dtype
     tiny = jnp.finfo(real).tiny
     acc = acc_dtype(y.dtype)
@@ -178,15 +183,23 @@ def advance(
     a_y = jnp.real(dot(search.r_anchor, r, acc))
     a_a = search.norm_anchor**2
     t_anchor = backtrack_factor(a_a - a_y, norm**2 - 2 * a_y + a_a, tiny)
-    t = jnp.where(decision.backtrack, t_back, jnp.where(give_up, t_anchor, jnp.ones_like(search.t)))
+    hold = decision.finished
+    t = jnp.where(hold, search.t, jnp.ones_like(search.t))
+    t = jnp.where(decision.backtrack, t_back, jnp.where(give_up, t_anchor, t))
     accepted = search.num_accepted + decision.accept.astype(search.num_accepted.dtype)
     new = SearchState(
         y=base_y,
         r=base_r,
         p=p,
         t=t,
-        tries=jnp.where(decision.backtrack, search.tries + 1, jnp.where(give_up, 1, 0)),
+        tries=jnp.where(
+            decision.backtrack,
+            search.tries + 1,
+            jnp.where(give_up, 1, jnp.where(hold, search.tries, 0)),
+        ),
         started=jnp.array(True),
+        # (cleared also when `hold`: it has no effect then, and keeping it made XLA's
+        # fusion of a tiny solve cross the inline-execution threshold, see costs.py)
         watching=on_trial,
         y_anchor=jnp.where(on_trial, search.y, search.y_anchor),
         r_anchor=jnp.where(on_trial, search.r, search.r_anchor),

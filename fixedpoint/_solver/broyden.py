@@ -228,6 +228,7 @@ class Broyden(AbstractFixedPointRootFinder[Y, Out, Aux, _BroydenState]):
             norm_k,
             s_s,
             progress.converged,
+            finished=frozen,
             enabled=self.line_search,
             max_backtracks=self.max_backtracks,
         )
