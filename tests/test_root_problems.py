@@ -256,9 +256,12 @@ def test_broyden_watchdog_keeps_one_evaluation_per_step_on_contractions():
         _linear, fp.Broyden(rtol=0.0, atol=tol, line_search=False), np.zeros(100), args, 500
     )
     assert ok(with_ls) and ok(without)
-    assert steps(with_ls) == 107
-    # Without the line search: 116 where XLA uses fused multiply-adds (AVX2 and later),
-    # 115 without them (`XLA_FLAGS=--xla_cpu_max_isa=AVX`): after 100 steps on this
-    # condition-200 system the last digits of the path differ.
-    assert steps(without) in (115, 116)
+    # After 100 steps on this condition-200 system the counts depend on the last digits
+    # of the path: of `w` (NumPy's QR rounds differently with other BLAS thread counts,
+    # which earlier tests in the same process may set) and of XLA's products (fused
+    # multiply-adds or not). Seen: 104 and 107 with the line search, 115 and 116
+    # without; what must hold is that the line search costs no evaluations.
+    assert 100 <= steps(with_ls) <= 110
+    assert 110 <= steps(without) <= 120
+    assert steps(with_ls) <= steps(without)
     assert int(with_ls.state.num_restarts) == 0
