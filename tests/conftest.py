@@ -19,6 +19,18 @@ import pytest
 os.environ.setdefault("FIXEDPOINT_COMPILATION_CACHE", "off")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_blas_thread():
+    """One BLAS thread for NumPy/SciPy in every test, as the benchmarks' tests pin it
+    (`benchmarks.harness.pin_threads`): a test file then sees the same rounding of
+    NumPy's factorisations (the problems' matrices) whichever files its worker ran
+    before it."""
+    from benchmarks.harness import pin_threads
+
+    pin_threads(1)
+    yield
+
+
 @pytest.fixture
 def enable_x64():
     """Run one test with 64-bit types enabled (restored afterwards)."""
