@@ -32,5 +32,7 @@ from ._solver import (
     Anderson as Anderson,
     Broyden as Broyden,
     Neumann as Neumann,
+    NewtonKrylov as NewtonKrylov,
+    Polyalgorithm as Polyalgorithm,
     solver_from_name as solver_from_name,
 )

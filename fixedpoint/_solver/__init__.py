@@ -4,6 +4,8 @@ from ._base import AbstractFixedPointRootFinder as AbstractFixedPointRootFinder
 from .anderson import Anderson as Anderson
 from .broyden import Broyden as Broyden
 from .neumann import Neumann as Neumann
+from .newton_krylov import NewtonKrylov as NewtonKrylov
+from .polyalgorithm import Polyalgorithm as Polyalgorithm
 
 
 def solver_from_name(name: str, **kwargs: Any) -> AbstractFixedPointRootFinder:

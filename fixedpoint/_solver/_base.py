@@ -113,6 +113,12 @@ class AbstractFixedPointRootFinder(optx.AbstractRootFinder[Y, Out, Aux, SolverSt
     ) -> tuple[Float[Array, " n"], Float[Array, " n"], Aux, Progress]:
         """Evaluate g once at y; return (flat y, flat r, aux, updated progress)."""
         r, aux = fn(y, args)
+        return self._record(y, r, aux, progress)
+
+    def _record(
+        self, y: Y, r: Out, aux: Aux, progress: Progress
+    ) -> tuple[Float[Array, " n"], Float[Array, " n"], Aux, Progress]:
+        """`_evaluate` given ``r = g(y)``: the flat y and r, aux, updated progress."""
         dtype = progress.y_best.dtype
         y_flat = ravel(y, dtype)
         r_flat = ravel(r, dtype)

@@ -112,10 +112,13 @@ def decide(
     finished: Bool[Array, ""],
     enabled: bool,
     max_backtracks: int,
+    watch_first: bool = False,
 ) -> Decision:
     """The test of the evaluated point `y` (``norm = ||g(y)||_2``, ``step_sq =
     ||y - search.y||^2``). A converged point is accepted; `enabled=False` accepts all.
-    `finished`: the solve had finished before this evaluation (see `is_done`)."""
+    `finished`: the solve had finished before this evaluation (see `is_done`).
+    `watch_first`: the first step from the initial point may be accepted on trial too
+    (for a Newton direction; a quasi-Newton method's first step is a guess)."""
     live = search.started & ~finished
     if enabled:
         real = search.t.dtype
@@ -128,7 +131,9 @@ def decide(
         failed = live & ~good & ~converged
     else:
         failed = jnp.array(False)
-    first_try = ~search.watching & (search.tries == 0) & (search.num_accepted > 0)
+    first_try = ~search.watching & (search.tries == 0)
+    if not watch_first:
+        first_try = first_try & (search.num_accepted > 0)
     on_trial = failed & first_try
     give_up = failed & search.watching
     rejected = failed & ~on_trial & ~give_up
