@@ -59,7 +59,7 @@ def test_gmres_minimises_the_residual_over_the_krylov_space(seed, dim, complex_)
     best = np.linalg.norm(b - a @ krylov @ coeff)
     achieved = np.linalg.norm(b - a @ np.asarray(sol.x))
     assert achieved <= best + 1e-9 * np.linalg.norm(b)
-    assert float(sol.residual) == pytest.approx(achieved, abs=1e-9 * np.linalg.norm(b))
+    assert float(sol.residual) == pytest.approx(achieved, abs=1e-9 * float(np.linalg.norm(b)))
     if dim >= n:  # the whole space: the exact solution
         np.testing.assert_allclose(sol.x, np.linalg.solve(a, b), rtol=1e-8, atol=1e-10)
 
@@ -67,21 +67,30 @@ def test_gmres_minimises_the_residual_over_the_krylov_space(seed, dim, complex_)
 def test_gmres_stops_at_the_tolerance_and_on_a_singular_operator():
     a = _matrix(0, 12, False)
     b = np.ones(12)
-    kwargs = dict(active=jnp.array(True), acc=jnp.dtype(jnp.float64))
-    loose = gmres(lambda v: jnp.asarray(a) @ v, jnp.asarray(b), dim=12, tol=0.5, **kwargs)
+    acc = jnp.dtype(jnp.float64)
+    on, off = jnp.array(True), jnp.array(False)
+    loose = gmres(
+        lambda v: jnp.asarray(a) @ v, jnp.asarray(b), dim=12, tol=jnp.array(0.5), active=on, acc=acc
+    )
     assert float(loose.residual) <= 0.5 < np.linalg.norm(b)
     assert np.linalg.norm(b - a @ np.asarray(loose.x)) == pytest.approx(float(loose.residual))
     idle = gmres(
         lambda v: jnp.asarray(a) @ v,
         jnp.asarray(b),
         dim=12,
-        tol=0.0,
-        **{**kwargs, "active": jnp.array(False)},
+        tol=jnp.array(0.0),
+        active=off,
+        acc=acc,
     )
     assert int(idle.num_products) == 0 and not np.any(np.asarray(idle.x))
     # diag(1, 2, 0): no solution; the least residual, 1, with a finite x.
     singular = gmres(
-        lambda v: jnp.array([1.0, 2.0, 0.0]) * v, jnp.ones(3), dim=3, tol=0.0, **kwargs
+        lambda v: jnp.array([1.0, 2.0, 0.0]) * v,
+        jnp.ones(3),
+        dim=3,
+        tol=jnp.array(0.0),
+        active=on,
+        acc=acc,
     )
     assert np.all(np.isfinite(singular.x))
     assert float(singular.residual) == pytest.approx(1.0)
@@ -218,12 +227,12 @@ def test_polyalgorithm_reports_failure_of_the_last_method():
     [
         (lambda: fp.NewtonKrylov(krylov_dim=0), "krylov_dim"),
         (lambda: fp.NewtonKrylov(eta_max=1.0), "eta_max"),
-        (lambda: fp.NewtonKrylov(preconditioner=3), "preconditioner"),
+        (lambda: fp.NewtonKrylov(preconditioner=3), "preconditioner"),  # pyright: ignore[reportArgumentType]
         (lambda: fp.NewtonKrylov(max_backtracks=-1), "max_backtracks"),
         (lambda: fp.Polyalgorithm(stall_steps=0), "stall_steps"),
         (lambda: fp.Polyalgorithm(stall_factor=0.0), "stall_factor"),
         (lambda: fp.Polyalgorithm(solvers=()), "solvers"),
-        (lambda: fp.Polyalgorithm(solvers=(optx.Newton(1e-3, 1e-3),)), "solvers"),
+        (lambda: fp.Polyalgorithm(solvers=(optx.Newton(1e-3, 1e-3),)), "solvers"),  # pyright: ignore[reportArgumentType]
         (lambda: fp.Polyalgorithm(rtol=-1.0), "rtol"),
     ],
 )
