@@ -65,11 +65,12 @@ class NewtonKrylov(AbstractFixedPointRootFinder[Y, Out, Aux, _NewtonKrylovState]
     or after `krylov_dim` products $J_g v$ (each a forward-mode `jax.linearize`
     product; $J_g$ is never formed). The forcing terms $\eta_k$ are Eisenstat and
     Walker's second choice, $\eta_k = 0.9\,(\|g(y_k)\|_2 / \|g(y_{k-1})\|_2)^2$
-    bounded by `eta_max` (and safeguarded, see `forcing_term`): loose far from the
-    root, where an exact Newton step is wasted, tight near it, where it gives Newton's
-    fast convergence. A state of $n \le$ `krylov_dim` numbers gets exact Newton steps
-    up to the forcing term (GMRES is exact after $n$ products, as many as a dense
-    Jacobian by forward mode would cost).
+    (safeguarded, see `forcing_term`), at most `eta_max`; the first is `eta_max`.
+    Tight near a root, where it gives Newton's fast convergence, and looser where
+    the residual falls slowly, where an exact Newton step would be wasted. A state of
+    $n \le$ `krylov_dim` numbers gets Newton steps exact up to the forcing term
+    (GMRES is exact after $n$ products, as many as a dense Jacobian by forward mode
+    would cost), so no dense Jacobian is ever formed.
 
     **Globalisation**: the trials $y_k + t p_k$ are tested by the non-monotone line
     search of [`fixedpoint.Broyden`][] (Li and Fukushima's test with a watchdog,
@@ -98,7 +99,7 @@ class NewtonKrylov(AbstractFixedPointRootFinder[Y, Out, Aux, _NewtonKrylovState]
     atol: float = 1e-6
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     krylov_dim: int = eqx.field(default=20, converter=as_int)
-    eta_max: float = 0.9
+    eta_max: float = 0.1
     preconditioner: Callable[[Y], Y] | None = None
     max_backtracks: int = eqx.field(default=8, converter=as_int)
     divergence_factor: float = 1e4
@@ -229,7 +230,10 @@ NewtonKrylov.__init__.__doc__ = """**Arguments:**
 - `krylov_dim`: (>= 1) the most Jacobian-vector products per Newton direction (the
     dimension of GMRES's Krylov space, without restarts).
 - `eta_max`: in [0, 1); the largest forcing term (the loosest relative accuracy of a
-    Newton direction). 0 asks for exact Newton steps (up to `krylov_dim`).
+    Newton direction; default 0.1). 0 asks for exact Newton steps (up to
+    `krylov_dim` products); Eisenstat and Walker's own bound, 0.9, saves products on
+    large states whose Newton steps are cheap to approximate, and on small hard
+    problems costs more evaluations than it saves.
 - `preconditioner`: `None` or a function `v -> M v`, `M` approximating the inverse
     Jacobian, on PyTrees like `y` (right preconditioning).
 - `max_backtracks`: (>= 0) the most rejected trials along one direction.
