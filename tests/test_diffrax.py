@@ -51,16 +51,11 @@ def test_newton_krylov_robertson_short(enable_x64):
     assert int(sol.stats["num_steps"]) <= 100
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with_stepsize_controller_tols sets Polyalgorithm.rtol, a property that "
-    "reads the first method's, so the later methods keep rtol = atol = inf",
-)
 def test_polyalgorithm_takes_the_controllers_tolerances():
     from diffrax._root_finder import use_stepsize_tol
 
     poly = diffrax.with_stepsize_controller_tols(fp.Polyalgorithm)()
-    for solver in poly.solvers:
+    for solver in poly.methods():
         assert solver.rtol is use_stepsize_tol and solver.atol is use_stepsize_tol
 
 
@@ -106,5 +101,5 @@ def test_steps_against_verychord(problem, solver, enable_x64):
 def test_polyalgorithm_given_tolerances_directly():
     """What `benchmarks.diffrax_stiff` relies on for the polyalgorithm."""
     poly = diffrax_stiff._polyalgorithm(stall_steps=2)
-    for solver in poly.solvers:
+    for solver in poly.methods():
         assert (solver.rtol, solver.atol, solver.norm) == (1e-8, 1e-10, optx.rms_norm)

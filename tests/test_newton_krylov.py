@@ -243,13 +243,16 @@ def test_invalid_hyperparameters_name_the_parameter(make, name):
 
 def test_polyalgorithm_gives_its_tolerances_to_every_method():
     poly = fp.Polyalgorithm(rtol=1e-7, atol=1e-9, norm=optx.rms_norm, trace_length=3)
-    for solver in poly.solvers:
+    for solver in poly.methods():
         assert (solver.rtol, solver.atol, solver.norm, solver.trace_length) == (
             1e-7,
             1e-9,
             optx.rms_norm,
             3,
         )
+    # Replacing the tolerances afterwards (as diffrax does) reaches every method.
+    looser = eqx.tree_at(lambda p: (p.rtol, p.atol), poly, (1e-3, 1e-3))
+    assert all((s.rtol, s.atol) == (1e-3, 1e-3) for s in looser.methods())
     assert eqx.tree_equal(
-        poly.solvers[1], fp.NewtonKrylov(1e-7, 1e-9, optx.rms_norm, trace_length=3)
+        poly.methods()[1], fp.NewtonKrylov(1e-7, 1e-9, optx.rms_norm, trace_length=3)
     )

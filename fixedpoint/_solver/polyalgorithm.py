@@ -42,7 +42,8 @@ class Polyalgorithm(optx.AbstractRootFinder[Y, Out, Aux, _PolyalgorithmState]):
     - fails: divergence or non-finite values (its own rules, see
       [`fixedpoint.Neumann`][]); or
     - stalls: its smallest residual norm did not fall below `stall_factor` times what it
-      was `stall_steps` evaluations before.
+      was `stall_steps` evaluations before (the first such test is after
+      `2 * stall_steps` evaluations: the first `stall_steps` set the reference).
 
     The next method starts from the point with the smallest residual norm that the
     abandoned one evaluated. The last method runs until it converges, fails or the
@@ -62,9 +63,13 @@ class Polyalgorithm(optx.AbstractRootFinder[Y, Out, Aux, _PolyalgorithmState]):
     `sol.stats["residual_norm"]` as for [`fixedpoint.Neumann`][].
     """
 
+    rtol: float
+    atol: float
+    norm: Callable[[PyTree], Scalar]
     solvers: tuple[AbstractFixedPointRootFinder, ...]
     stall_steps: int = eqx.field(static=True)
     stall_factor: float
+    trace_length: int = eqx.field(static=True)
 
     def __init__(
         self,
@@ -90,28 +95,26 @@ class Polyalgorithm(optx.AbstractRootFinder[Y, Out, Aux, _PolyalgorithmState]):
                 "`solvers` must be a non-empty sequence of this package's root finders "
                 f"(fixedpoint.Anderson, .Broyden, .Neumann, .NewtonKrylov), got {solvers!r}."
             )
-        self.solvers = tuple(
+        self.rtol = rtol
+        self.atol = atol
+        self.norm = norm
+        self.solvers = solvers
+        self.stall_steps = int(stall_steps)
+        self.stall_factor = stall_factor
+        self.trace_length = int(trace_length)
+
+    def methods(self) -> tuple[AbstractFixedPointRootFinder, ...]:
+        """`solvers`, each with this polyalgorithm's `rtol`, `atol`, `norm` and
+        `trace_length` (applied when the solve runs, so that replacing those fields,
+        as diffrax's `with_stepsize_controller_tols` does, reaches every method)."""
+        return tuple(
             eqx.tree_at(
                 lambda s: (s.rtol, s.atol, s.norm, s.trace_length),
                 s,
-                (rtol, atol, norm, int(trace_length)),
+                (self.rtol, self.atol, self.norm, self.trace_length),
             )
-            for s in solvers
+            for s in self.solvers
         )
-        self.stall_steps = int(stall_steps)
-        self.stall_factor = stall_factor
-
-    @property
-    def rtol(self) -> float:
-        return self.solvers[0].rtol
-
-    @property
-    def atol(self) -> float:
-        return self.solvers[0].atol
-
-    @property
-    def norm(self) -> Callable[[PyTree], Scalar]:
-        return self.solvers[0].norm
 
     def keeps_finished_state(self) -> bool:
         """True: each method keeps its finished state, and no method takes over from
@@ -129,7 +132,7 @@ class Polyalgorithm(optx.AbstractRootFinder[Y, Out, Aux, _PolyalgorithmState]):
         tags: frozenset[object],
     ) -> _PolyalgorithmState:
         states = tuple(
-            s.init(fn, y, args, options, f_struct, aux_struct, tags) for s in self.solvers
+            s.init(fn, y, args, options, f_struct, aux_struct, tags) for s in self.methods()
         )
         real = states[0].progress.best_norm.dtype
         return _PolyalgorithmState(
@@ -148,14 +151,16 @@ class Polyalgorithm(optx.AbstractRootFinder[Y, Out, Aux, _PolyalgorithmState]):
         state: _PolyalgorithmState,
         tags: frozenset[object],
     ) -> tuple[Y, _PolyalgorithmState, Aux]:
+        methods = self.methods()
+
         def branch(i: int):
             def run(y, states):
-                y, state_i, aux = self.solvers[i].step(fn, y, args, options, states[i], tags)
+                y, state_i, aux = methods[i].step(fn, y, args, options, states[i], tags)
                 return y, states[:i] + (state_i,) + states[i + 1 :], aux
 
             return run
 
-        branches = [branch(i) for i in range(len(self.solvers))]
+        branches = [branch(i) for i in range(len(methods))]
         y, states, aux = jax.lax.switch(state.method, branches, y, state.states)
         progress = self._progress(state.method, states)
 
