@@ -54,6 +54,7 @@ LIBRARY_SIZES = (10, 4, 2, 4, 3, 2, 2, 10, 10, 10, 10, 10, 10, 10, 4, 9, 2, 2, 2
 SOLVERS = {
     "anderson": lambda: fp.Anderson(rtol=nonlinear.TOL, atol=nonlinear.TOL),
     "broyden": lambda: fp.Broyden(rtol=nonlinear.TOL, atol=nonlinear.TOL),
+    "newton_krylov": lambda: fp.NewtonKrylov(rtol=nonlinear.TOL, atol=nonlinear.TOL),
 }
 
 # Evaluations of the unpadded runner (`python -m benchmarks.nonlinear`), None where
@@ -109,6 +110,31 @@ EVALUATIONS = {
         boggs=24,
         chandrasekhar=12,
     ),
+    "newton_krylov": dict(
+        rosenbrock=565,
+        powell_singular=95,
+        powell_badly_scaled=53,
+        wood=55,
+        helical_valley=31,
+        watson=24,
+        chebyquad=16,
+        brown_almost_linear=21,
+        discrete_boundary_value=30,
+        discrete_integral_equation=13,
+        trigonometric=60,
+        variably_dimensioned=29,
+        broyden_tridiagonal=38,
+        broyden_banded=28,
+        hammarling_2x2=39,
+        hammarling_3x3=42,
+        dennis_schnabel=15,
+        sample_18=19,
+        sample_19=47,
+        scalar=13,
+        freudenstein_roth=87,
+        boggs=10,
+        chandrasekhar=15,
+    ),
 }
 
 # Outcomes (solved or not) that depend on rounding, and counts that do (see the module
@@ -116,6 +142,7 @@ EVALUATIONS = {
 ROUNDING = {
     "anderson": dict(outcome={"helical_valley"}, count={"wood"}),
     "broyden": dict(outcome={"wood", "watson", "hammarling_2x2", "helical_valley"}, count=set()),
+    "newton_krylov": dict(outcome=set(), count=set()),
 }
 
 
@@ -217,7 +244,7 @@ def test_solved_problems(name):
     unpadded runner measures them (`EVALUATIONS`, outside `ROUNDING`). Anderson solves
     21 of 23 (not the generalized Rosenbrock function, nor, from the standard start,
     the helical valley), Broyden 17 (not Rosenbrock, Wood, Watson, both Hammarling
-    problems, Freudenstein-Roth)."""
+    problems, Freudenstein-Roth), Newton-Krylov all 23."""
     y, evaluations = _solve_all(name)
     residuals = _max_abs(np.asarray(_padded_g(jnp.asarray(y), jnp.arange(23))))
     solved = dict(zip(NAMES, residuals <= nonlinear.SOLVED))
