@@ -66,20 +66,14 @@ def _with_tols(cls, **kwargs) -> optx.AbstractRootFinder:
     return diffrax.with_stepsize_controller_tols(cls)(**kwargs)
 
 
-def _polyalgorithm(**kwargs):
-    # `with_stepsize_controller_tols` would reach only the first method's tolerances
-    # (the polyalgorithm's `rtol` is the first method's): give them directly.
-    return fp.Polyalgorithm(rtol=RTOL, atol=ATOL, norm=optx.rms_norm, **kwargs)
-
-
 # name -> (factory of Kvaerno5's root finder (None: diffrax's default), Kvaerno5 options)
 SOLVERS: dict[str, tuple[Callable[[], optx.AbstractRootFinder] | None, dict]] = {
     "VeryChord (diffrax default)": (None, {}),
     "NewtonKrylov()": (lambda: _with_tols(fp.NewtonKrylov), {}),
     "NewtonKrylov(eta_max=0.9)": (lambda: _with_tols(fp.NewtonKrylov, eta_max=0.9), {}),
     "NewtonKrylov(eta_max=0)": (lambda: _with_tols(fp.NewtonKrylov, eta_max=0.0), {}),
-    "Polyalgorithm()": (_polyalgorithm, {}),
-    "Polyalgorithm(stall_steps=2)": (lambda: _polyalgorithm(stall_steps=2), {}),
+    "Polyalgorithm()": (lambda: _with_tols(fp.Polyalgorithm), {}),
+    "Polyalgorithm(stall_steps=2)": (lambda: _with_tols(fp.Polyalgorithm, stall_steps=2), {}),
     "Broyden()": (lambda: _with_tols(fp.Broyden), {}),
     "Anderson()": (lambda: _with_tols(fp.Anderson), {}),
     "Anderson(), root_find_max_steps=20": (

@@ -59,6 +59,11 @@ OUR_SOLVERS: dict[str, SolverFactory] = {
     "fp.Anderson": lambda rtol, atol: fp.Anderson(rtol=rtol, atol=atol),
     "fp.Broyden": lambda rtol, atol: fp.Broyden(rtol=rtol, atol=atol),
     "fp.Neumann": lambda rtol, atol: fp.Neumann(rtol=rtol, atol=atol),
+    "fp.NewtonKrylov": lambda rtol, atol: fp.NewtonKrylov(rtol=rtol, atol=atol),
+    "fp.Polyalgorithm": lambda rtol, atol: fp.Polyalgorithm(rtol=rtol, atol=atol),
+    "fp.Broyden(jacobian='exact')": lambda rtol, atol: fp.Broyden(
+        rtol=rtol, atol=atol, jacobian="exact"
+    ),
 }
 
 OPTX_SOLVERS: dict[str, SolverFactory] = {

@@ -9,7 +9,6 @@ finder (VeryChord) and ends at the same state (rtol 1e-4).
 
 import jax
 import jax.numpy as jnp
-import optimistix as optx
 import pytest
 
 import fixedpoint as fp
@@ -96,10 +95,3 @@ def test_steps_against_verychord(problem, solver, enable_x64):
     assert sol.result == diffrax.RESULTS.successful and sol.ys is not None
     assert jnp.allclose(sol.ys[-1], ref_y1, rtol=1e-4, atol=1e-12)
     assert int(sol.stats["num_steps"]) <= 2 * ref_steps
-
-
-def test_polyalgorithm_given_tolerances_directly():
-    """What `benchmarks.diffrax_stiff` relies on for the polyalgorithm."""
-    poly = diffrax_stiff._polyalgorithm(stall_steps=2)
-    for solver in poly.methods():
-        assert (solver.rtol, solver.atol, solver.norm) == (1e-8, 1e-10, optx.rms_norm)
