@@ -20,7 +20,7 @@ import jax.tree_util as jtu
 import numpy as np
 import optimistix as optx
 
-from ._solver import AbstractFixedPointRootFinder, Anderson, Broyden, Neumann
+from ._solver import AbstractFixedPointRootFinder, Anderson, Broyden, Neumann, Polyalgorithm
 from ._validate import check_choice
 from .linear import (
     AbstractFixedPointLinearSolver,
@@ -138,7 +138,7 @@ TRACED_HYPERPARAMETERS = ("rtol", "atol", "beta")
 
 
 def _is_root_finder(x: Any) -> bool:
-    return isinstance(x, AbstractFixedPointRootFinder)
+    return isinstance(x, (AbstractFixedPointRootFinder, Polyalgorithm))
 
 
 def static_hyperparameters(tree: Any) -> Any:

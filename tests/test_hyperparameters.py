@@ -14,9 +14,8 @@ import fixedpoint_deq as fdeq
 from fixedpoint.internal import static_hyperparameters, TRACED_HYPERPARAMETERS
 
 
-#: The root finders whose hyperparameters are traced (Broyden's fields are declared in
-#: broyden.py and still Python numbers).
-TRACED = [fp.Anderson, fp.Neumann]
+#: The root finders whose tolerances and `beta` are traced.
+TRACED = [fp.Anderson, fp.Broyden, fp.Neumann]
 
 
 def _counting_map():
@@ -44,6 +43,20 @@ def test_new_tolerances_and_beta_compile_nothing_again(cls):
         steps.add(int(sol.stats["num_steps"]))
     assert len(traces) == traced
     assert len(steps) > 1  # (the values did reach the solve)
+
+
+@pytest.mark.parametrize("cls", [fp.NewtonKrylov, fp.Polyalgorithm])
+def test_new_tolerances_of_the_general_solvers_compile_nothing_again(cls):
+    f, traces = _counting_map()
+    y0, a = jnp.zeros(3), jnp.ones(3)
+    first = optx.fixed_point(f, cls(rtol=1e-4, atol=1e-6), y0, a, throw=False)
+    traced = len(traces)
+    steps = {int(first.stats["num_steps"])}
+    for rtol, atol in ((1e-7, 1e-8), (1e-2, 1e-3)):
+        sol = optx.fixed_point(f, cls(rtol=rtol, atol=atol), y0, a, throw=False)
+        steps.add(int(sol.stats["num_steps"]))
+    assert len(traces) == traced
+    assert len(steps) > 1
 
 
 @pytest.mark.parametrize("cls", [fp.Anderson, fp.Broyden, fp.Neumann])
