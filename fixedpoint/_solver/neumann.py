@@ -37,10 +37,7 @@ class Neumann(AbstractFixedPointRootFinder[Y, Out, Aux, _NeumannState]):
     evaluated $y_k$ with `norm(g(y_k) / (atol + rtol * |y_k|)) < 1`, and return that
     $y_k$. One evaluation of $g$ per step, so `sol.stats["num_steps"]` counts them.
     (For `optx.max_norm` it is evaluated as `|g_i| < atol + rtol |y_i|` for every
-    element, without dividing; for `optx.rms_norm` and `optx.two_norm` on a state of
-    4,096 numbers or more, `norm(g) >= 1.01 (atol + rtol max|y|)` rules convergence out
-    first, and the divisions are made only when that cannot decide. The decisions are
-    those of the rule as written.)
+    element, without dividing: the same decision.)
 
     **Failures:** a non-finite residual gives `RESULTS.nonfinite` (a NaN anywhere in it,
     also with `optx.max_norm`, whose reduction on XLA's CPU backend skips NaN in arrays
