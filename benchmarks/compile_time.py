@@ -120,6 +120,8 @@ def solvers() -> dict[str, Callable]:
         "fp.Anderson": _ours(fp.Anderson(rtol=0.0, atol=TOL)),
         "fp.Broyden": _ours(fp.Broyden(rtol=0.0, atol=TOL)),
         "fp.Neumann": _ours(fp.Neumann(rtol=0.0, atol=TOL)),
+        "fp.NewtonKrylov": _ours(fp.NewtonKrylov(rtol=0.0, atol=TOL)),
+        "fp.Polyalgorithm": _ours(fp.Polyalgorithm(rtol=0.0, atol=TOL)),
         "optx.FixedPointIteration": _optx_fpi,
     }
     if importlib.util.find_spec("jaxopt") is not None:

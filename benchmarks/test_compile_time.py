@@ -21,6 +21,8 @@ PINNED = {
     "fp.Anderson": {"forward": 66, "gradient": 142},
     "fp.Broyden": {"forward": 84, "gradient": 164},
     "fp.Neumann": {"forward": 20, "gradient": 100},
+    "fp.NewtonKrylov": {"forward": 117, "gradient": 197},
+    "fp.Polyalgorithm": {"forward": 189, "gradient": 268},
 }
 MARGIN = 2
 

@@ -79,7 +79,6 @@ def gmres(
     def body(carry):
         k, basis, tri, cs, sn, gamma, _ = carry
         w = matvec(basis[k])
-        norm_av = jnp.sqrt(jnp.real(_inner(w, w, acc)))
         # Classical Gram-Schmidt, twice, against v_0 .. v_k (the other rows are zero).
         h = jnp.where(rows <= k, _inner(basis, w, acc), 0)
         w = w - _combine(h, basis)
@@ -89,6 +88,8 @@ def gmres(
         # A w at rounding level relative to ||A v_k||: the space is invariant (exact
         # solution in it, unless the pivot below vanishes too).
         norm_w = jnp.sqrt(jnp.real(_inner(w, w, acc)))
+        # ||A v_k||, by Pythagoras: its components along v_0 .. v_k, and w.
+        norm_av = jnp.sqrt(jnp.sum(jnp.abs(h) ** 2) + norm_w**2)
         norm_w = jnp.where(norm_w > eps * norm_av, norm_w, 0)
         unit = w / jnp.where(norm_w > 0, norm_w, 1).astype(dtype)
         basis = basis.at[k + 1].set(unit)
