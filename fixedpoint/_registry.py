@@ -15,12 +15,9 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-import equinox as eqx
-import jax.tree_util as jtu
-import numpy as np
 import optimistix as optx
 
-from ._solver import AbstractFixedPointRootFinder, Anderson, Broyden, Neumann, Polyalgorithm
+from ._solver import AbstractFixedPointRootFinder, Anderson, Broyden, Neumann
 from ._validate import check_choice
 from .linear import (
     AbstractFixedPointLinearSolver,
@@ -130,44 +127,3 @@ TRAINER_FORWARD = StoppingRule(tol=1e-2, norm=optx.rms_norm)
 #: The MNIST trainer's backward solve (`--backward-tol`), purely relative as the DEQ
 #: layer's: ``rms(r / (1e-9 + tol |w|)) < 1``.
 TRAINER_BACKWARD = StoppingRule(tol=1e-2, atol=1e-9, norm=optx.rms_norm)
-
-
-#: The hyperparameters of this package's root finders that a solve traces (stored as
-#: 0-d arrays by `as_traced_real`, so that changing them compiles nothing again).
-TRACED_HYPERPARAMETERS = ("rtol", "atol", "beta")
-
-
-def _is_root_finder(x: Any) -> bool:
-    return isinstance(x, (AbstractFixedPointRootFinder, Polyalgorithm))
-
-
-def static_hyperparameters(tree: Any) -> Any:
-    """`tree` with the traced hyperparameters (`TRACED_HYPERPARAMETERS`) of every root
-    finder of this package in it - also those inside linear solvers and adjoints - as
-    Python floats, where they are concrete.
-
-    A root finder stores its tolerances and `beta` as 0-d arrays, so that a solve
-    traces them; inside a model (an equinox Module whose inexact arrays are its
-    trainable parameters, `eqx.filter(model, eqx.is_inexact_array)`) they would be
-    handed to the optimiser, and e.g. weight decay would change them. A model keeps
-    them out by storing its solvers through this function: they are then part of the
-    model's static structure (changing one compiles the model's step again, as any
-    other hyperparameter of the model)."""
-
-    def convert(x: Any) -> Any:
-        if not _is_root_finder(x):
-            return x
-        names = [
-            name
-            for name in TRACED_HYPERPARAMETERS
-            if isinstance(getattr(x, name, None), np.ndarray) and getattr(x, name).shape == ()
-        ]
-        if not names:
-            return x
-        return eqx.tree_at(
-            lambda s: [getattr(s, name) for name in names],
-            x,
-            [float(getattr(x, name)) for name in names],
-        )
-
-    return jtu.tree_map(convert, tree, is_leaf=_is_root_finder)

@@ -155,24 +155,3 @@ def as_int(value: Any) -> Any:
 def as_bool(value: Any) -> Any:
     """Field converter: `np.bool_` becomes `bool`; anything else is unchanged."""
     return bool(value) if isinstance(value, np.bool_) else value
-
-
-def as_traced_real(value: Any) -> Any:
-    """Field converter for a real hyperparameter that a solve *traces* (the tolerances
-    and `beta` of the root finders): a Python or NumPy real number becomes a 0-d NumPy
-    float64 array, which `eqx.filter_jit` (so `optx.root_find`, `optx.fixed_point`)
-    passes as a traced value, so that changing it does not compile the solve again; a
-    Python number would be part of the compiled program. Arrays (also traced ones) and
-    anything invalid are left as they are, for the checks of `check_real`. (A NumPy
-    array, not a JAX one: building a solver starts no JAX backend.)
-
-    Such a value is an inexact array leaf of the solver: a model holding a solver among
-    its trainable parameters must keep it out of them (`fixedpoint_deq.DEQ` stores its
-    solvers' hyperparameters as Python numbers, see `static_hyperparameters`)."""
-    if isinstance(value, (bool, np.bool_)):
-        return value
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return np.asarray(value, dtype=np.float64)
-    if isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "iuf":
-        return np.asarray(value, dtype=np.float64)
-    return value

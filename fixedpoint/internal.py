@@ -37,9 +37,7 @@ from ._registry import (
     solver_names as solver_names,
     SolverName as SolverName,
     SOLVERS as SOLVERS,
-    static_hyperparameters as static_hyperparameters,
     StoppingRule as StoppingRule,
-    TRACED_HYPERPARAMETERS as TRACED_HYPERPARAMETERS,
     TRAINER_BACKWARD as TRAINER_BACKWARD,
     TRAINER_FORWARD as TRAINER_FORWARD,
 )
@@ -76,12 +74,10 @@ __all__ = [
     "root_finder",
     "SEED",
     "solver_names",
-    "static_hyperparameters",
     "SolverName",
     "SOLVERS",
     "StoppingRule",
     "TRAINER_BACKWARD",
-    "TRACED_HYPERPARAMETERS",
     "TRAINER_FORWARD",
     "while_loop",
 ]

@@ -21,7 +21,6 @@ from fixedpoint.internal import (
     DEQ_FORWARD,
     root_finder,
     solver_names,
-    static_hyperparameters,
 )
 
 from ._correction import FixedPointCorrection
@@ -58,25 +57,21 @@ def _as_solver(
     solver: optx.AbstractRootFinder | str, name: str = "solver"
 ) -> optx.AbstractRootFinder:
     """Field converter: a name becomes the root finder of that name (DEQ defaults).
-    `name` is the field's, for the error message. The solver's tolerances and `beta`
-    are stored as Python numbers (`static_hyperparameters`): never trainable leaves of
-    the model."""
+    `name` is the field's, for the error message."""
     if isinstance(solver, str):
         check_solver_name(name, solver)
-        solver = root_finder(solver, **DEQ_FORWARD())
-    return static_hyperparameters(solver)
+        return root_finder(solver, **DEQ_FORWARD())
+    return solver
 
 
 def _as_adjoint(adjoint: optx.AbstractAdjoint | str) -> optx.AbstractAdjoint:
-    """Field converter: a name becomes the adjoint of that name. The hyperparameters of
-    its backward solver are stored as Python numbers, as the forward solver's."""
+    """Field converter: a name becomes the adjoint of that name."""
     if isinstance(adjoint, str):
         check_choice("adjoint", adjoint, ADJOINT_NAMES)
         if adjoint == "implicit":
-            adjoint = _default_adjoint()
-        else:
-            adjoint = fp.PhantomAdjoint() if adjoint == "phantom" else fp.JacobianFreeAdjoint()
-    return static_hyperparameters(adjoint)
+            return _default_adjoint()
+        return fp.PhantomAdjoint() if adjoint == "phantom" else fp.JacobianFreeAdjoint()
+    return adjoint
 
 
 def _describe(tree: PyTree) -> str:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-from .._validate import as_int, as_traced_real, check_bool, check_int, check_real
+from .._validate import as_int, check_bool, check_int, check_real
 from ._base import AbstractFixedPointRootFinder, Aux, Fn, Out, Y
 from ._common import (
     acc_dtype,
@@ -188,11 +188,11 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
     row and column per step, not recomputed).
     """
 
-    rtol: float = eqx.field(default=1e-4, converter=as_traced_real)
-    atol: float = eqx.field(default=1e-6, converter=as_traced_real)
+    rtol: float = 1e-4
+    atol: float = 1e-6
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     m: int = eqx.field(default=5, converter=as_int)
-    beta: float = eqx.field(default=1.0, converter=as_traced_real)
+    beta: float = 1.0
     regularisation: float = 1e-8
     safeguard_factor: float = 1e2
     divergence_factor: float = 1e4
@@ -346,8 +346,7 @@ class Anderson(AbstractFixedPointRootFinder[Y, Out, Aux, _AndersonState]):
         h0 = jnp.where((first_pair | short) & fit_ok, fit, state.h0)
         if self.adaptive_beta:
             grow = push & fit_ok & (cosine < 0) & state.scaled & ~state.pending_restart
-            beta = jnp.asarray(self.beta, jnp.abs(fit).dtype)
-            h0 = jnp.where(grow, -jnp.maximum(beta, jnp.abs(fit)), h0).astype(h0.dtype)
+            h0 = jnp.where(grow, -jnp.maximum(self.beta, jnp.abs(fit)), h0).astype(h0.dtype)
         return h0
 
     def _restart_length(self, state, progress, reject, d_s, d_d):

@@ -7,15 +7,7 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-from .._validate import (
-    as_bool,
-    as_int,
-    as_traced_real,
-    check_bool,
-    check_choice,
-    check_int,
-    check_real,
-)
+from .._validate import as_bool, as_int, check_bool, check_choice, check_int, check_real
 from ._base import AbstractFixedPointRootFinder, Aux, Fn, Out, Y
 from ._common import (
     acc_dtype,
@@ -211,11 +203,11 @@ class Broyden(AbstractFixedPointRootFinder[Y, Out, Aux, _BroydenState]):
     `divergence_factor` x the best for `divergence_patience` evaluations in a row.
     """
 
-    rtol: float = eqx.field(default=1e-4, converter=as_traced_real)
-    atol: float = eqx.field(default=1e-6, converter=as_traced_real)
+    rtol: float = 1e-4
+    atol: float = 1e-6
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     memory: int = eqx.field(default=30, converter=as_int)
-    beta: float = eqx.field(default=1.0, converter=as_traced_real)
+    beta: float = 1.0
     line_search: bool = eqx.field(default=True, converter=as_bool)
     max_backtracks: int = eqx.field(default=8, converter=as_int)
     divergence_factor: float = 1e4
@@ -302,8 +294,7 @@ class Broyden(AbstractFixedPointRootFinder[Y, Out, Aux, _BroydenState]):
         fresh = (state.count == 0) | full | short
         first = decision.moves & (search.num_accepted == 0)
         keep = keeps_picard_scale(cosine, fit, self.beta)
-        h0 = -jnp.asarray(self.beta, fit.dtype)  # (the dtype a Python number would take)
-        gamma = jnp.where(first & fit_ok, jnp.where(keep, h0, fit), state.gamma)
+        gamma = jnp.where(first & fit_ok, jnp.where(keep, -self.beta, fit), state.gamma)
         gamma = jnp.where((decision.restart | short) & fit_ok, fit, gamma)
         gamma_v = gamma.astype(dtype)
         newton, jvps = state.newton, state.jvps

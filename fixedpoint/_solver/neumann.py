@@ -3,11 +3,10 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import PyTree, Scalar
 
-from .._validate import as_int, as_traced_real, check_real
+from .._validate import as_int, check_real
 from ._base import AbstractFixedPointRootFinder, Aux, Fn, Out, Y
 from ._common import flatten_initial, init_progress, Progress
 
@@ -61,10 +60,10 @@ class Neumann(AbstractFixedPointRootFinder[Y, Out, Aux, _NeumannState]):
     first `trace_length` steps (NaN beyond the last step).
     """
 
-    rtol: float = eqx.field(default=1e-4, converter=as_traced_real)
-    atol: float = eqx.field(default=1e-6, converter=as_traced_real)
+    rtol: float = 1e-4
+    atol: float = 1e-6
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    beta: float = eqx.field(default=1.0, converter=as_traced_real)
+    beta: float = 1.0
     divergence_factor: float = 1e4
     divergence_patience: int = eqx.field(default=3, converter=as_int)
     trace_length: int = eqx.field(default=0, converter=as_int)
@@ -97,8 +96,7 @@ class Neumann(AbstractFixedPointRootFinder[Y, Out, Aux, _NeumannState]):
     ) -> tuple[Y, _NeumannState, Aux]:
         del options, tags
         y_flat, r_flat, aux, progress = self._evaluate(fn, y, args, state.progress)
-        beta = jnp.asarray(self.beta, r_flat.dtype)  # (as a Python number would be)
-        new_y = self._next_y(y, y_flat + beta * r_flat, progress)
+        new_y = self._next_y(y, y_flat + self.beta * r_flat, progress)
         return new_y, _NeumannState(progress), aux
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Int, PyTree, Scalar
 
-from .._validate import as_int, as_traced_real, check_callable, check_int, check_real
+from .._validate import as_int, check_callable, check_int, check_real
 from ._base import AbstractFixedPointRootFinder, Aux, Fn, Out, Y
 from ._common import (
     acc_dtype,
@@ -95,8 +95,8 @@ class NewtonKrylov(AbstractFixedPointRootFinder[Y, Out, Aux, _NewtonKrylovState]
     **Stopping rule, failures, statistics:** as for [`fixedpoint.Neumann`][].
     """
 
-    rtol: float = eqx.field(default=1e-4, converter=as_traced_real)
-    atol: float = eqx.field(default=1e-6, converter=as_traced_real)
+    rtol: float = 1e-4
+    atol: float = 1e-6
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     krylov_dim: int = eqx.field(default=20, converter=as_int)
     eta_max: float = 0.1

@@ -8,7 +8,7 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
-from .._validate import as_traced_real, check_callable, check_int, check_real
+from .._validate import check_callable, check_int, check_real
 from ._base import AbstractFixedPointRootFinder, Aux, Fn, Out, Y
 from ._common import is_done, Progress, select_output, termination_result, unravel_like
 from .anderson import Anderson
@@ -95,8 +95,8 @@ class Polyalgorithm(optx.AbstractRootFinder[Y, Out, Aux, _PolyalgorithmState]):
                 "`solvers` must be a non-empty sequence of this package's root finders "
                 f"(fixedpoint.Anderson, .Broyden, .Neumann, .NewtonKrylov), got {solvers!r}."
             )
-        self.rtol = as_traced_real(rtol)
-        self.atol = as_traced_real(atol)
+        self.rtol = rtol
+        self.atol = atol
         self.norm = norm
         self.solvers = solvers
         self.stall_steps = int(stall_steps)
