@@ -25,6 +25,7 @@ def x64():
 UNSOLVED = {"freudenstein_roth"}
 
 
+@pytest.mark.slow  # (the MGH sets of the default methods run by default: test_nonlinear_problems)
 def test_exact_solves_mgh():
     problems = padded()
     solver = fp.Broyden(rtol=1e-10, atol=1e-10, jacobian="exact")
